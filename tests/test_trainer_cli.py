@@ -1,0 +1,106 @@
+"""The CLI: four stages chained on a tiny model, a YAML recipe, and a 2-process gloo DDP run."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from tests.test_trainer import media_root, official_rows, save_base, tiny_model, write_jsonl  # noqa: F401
+from tests.tiny_processor import tiny_processor
+from tools.local import REPO_ROOT
+from trainer.cli import main
+from trainer.trainers import REMOTE_CODE_FILES
+
+TINY_FLAGS = [
+    "--use_cpu", "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+    "--per_device_train_batch_size", "2", "--max_frames", "4", "--max_visual_tokens", "256", "--max_length", "2048",
+    "--logging_steps", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    processor = tiny_processor()
+    return save_base(tiny_model(processor), processor, tmp_path_factory.mktemp("base") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("cli-data") / "train.jsonl", official_rows())
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def changed(a, b, prefix):
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys, prefix
+    return any(not torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_four_stages_chain_from_the_cli(tmp_path, base_checkpoint, data_path, media_root):  # noqa: F811
+    previous = base_checkpoint
+    for stage in (1, 2, 3, 4):
+        out = str(tmp_path / f"stage{stage}")
+        flags = ["--model", previous, "--data", data_path, "--data_root", str(media_root), "--output_dir", out,
+                 "--max_steps", "1", *TINY_FLAGS]
+        if stage == 3:  # the same settings through a YAML recipe
+            recipe = tmp_path / "stage3.yaml"
+            recipe.write_text(yaml.safe_dump({"stage": 3, "model": previous, "data": data_path,
+                                              "data_root": str(media_root), "output_dir": out, "max_steps": 1}))
+            main(["--config", str(recipe), *TINY_FLAGS])
+        else:
+            main(["--stage", str(stage), *flags])
+        for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", *REMOTE_CODE_FILES):
+            assert os.path.exists(os.path.join(out, name)), f"stage {stage} output lacks {name}"
+        before, after = weights(previous), weights(out)
+        assert changed(before, after, "model.mm_projector.")
+        assert changed(before, after, "model.layers.") == (stage != 1)  # stage 1 keeps the LLM frozen
+        previous = out
+
+    model, info = AutoModelForCausalLM.from_pretrained(previous, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = AutoProcessor.from_pretrained(previous, trust_remote_code=True)
+    batch = processor.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True, return_dict=True,
+                                          add_generation_prompt=True, return_tensors="pt")
+    assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 2
+
+
+def test_cli_resume_and_missing_arguments(tmp_path, base_checkpoint, data_path, media_root):  # noqa: F811
+    with pytest.raises(SystemExit, match="--data is required"):
+        main(["--stage", "2", "--model", base_checkpoint, "--output_dir", str(tmp_path)])
+    out = str(tmp_path / "run")
+    flags = ["--stage", "2", "--model", base_checkpoint, "--data", data_path, "--data_root", str(media_root),
+             "--output_dir", out, *TINY_FLAGS]
+    first = main([*flags, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"])
+    assert first.state.global_step == 2 and os.path.isdir(os.path.join(out, "checkpoint-2"))
+    resumed = main([*flags, "--max_steps", "3", "--resume"])
+    assert resumed.state.global_step == 3
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "accelerate")), reason="accelerate CLI not installed")
+def test_two_process_gloo_ddp_through_accelerate_launch(tmp_path, base_checkpoint, data_path, media_root):  # noqa: F811
+    out = tmp_path / "ddp"
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    command = [
+        launcher, "launch", "--config_file", str(REPO_ROOT / "trainer" / "configs" / "ddp_cpu.yaml"),
+        "--main_process_port", str(29500 + os.getpid() % 1000),
+        "-m", "trainer", "--stage", "3", "--model", base_checkpoint, "--data", data_path,
+        "--data_root", str(media_root), "--output_dir", str(out), "--max_steps", "2",
+        *TINY_FLAGS, "--per_device_train_batch_size", "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "training on 2 process(es)" in log, log[-4000:]
+    assert "'loss'" in log, log[-4000:]
+    assert (out / "model.safetensors").exists() and (out / "modeling_videollama3.py").exists()

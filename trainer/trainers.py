@@ -1,0 +1,234 @@
+"""The four VideoLLaMA3 training stages as `SFTTrainer` subclasses.
+
+`Videollama3Trainer` holds everything the stages share: explicit freezing (done in `__init__`,
+before the optimizer, PEFT and the distributed wrapper see the model), optimizer parameter groups
+built from module identity (vision encoder / projector / LLM, each with decay and no-decay), the
+multimodal collator, and a `save_model` that writes a complete, loadable checkpoint (model,
+processor, remote-code files). The four stage classes only name their stage; the recipe itself
+is the stage's `Videollama3SFTConfig` preset. Only public hooks are overridden: `__init__`,
+`create_optimizer`, `save_model`.
+"""
+
+import inspect
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+from trl import SFTTrainer
+
+from .config import MODULES, STAGE_NAMES, Videollama3SFTConfig, stage_config
+from .data import INDEX_COLUMN, build_collator, check_media
+
+logger = logging.getLogger(__name__)
+
+REMOTE_CODE_FILES = (
+    "configuration_videollama3.py",
+    "modeling_videollama3.py",
+    "processing_videollama3.py",
+    "image_processing_videollama3.py",
+)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The `Videollama3Qwen2ForCausalLM` inside a PEFT and/or distributed wrapper."""
+    while hasattr(model, "module") and not hasattr(model, "lm_head"):
+        model = model.module  # DDP / DeepSpeed engines
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def module_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Parameters of the vision encoder, the projector and the LLM, told apart by module identity.
+
+    The LLM is everything that is neither vision encoder nor projector: embeddings, decoder layers,
+    final norm and LM head (tied to the embeddings or not). LoRA weights belong to the module they
+    adapt.
+    """
+    core = unwrap(model).model  # Videollama3Qwen2Model
+    vision = {id(p) for p in core.vision_encoder.parameters()}
+    projector = {id(p) for p in core.mm_projector.parameters()}
+    groups = {name: [] for name in MODULES}
+    for p in model.parameters():
+        key = "vision_encoder" if id(p) in vision else "mm_projector" if id(p) in projector else "llm"
+        groups[key].append(p)
+    return groups
+
+
+def set_trainable_modules(model: nn.Module, trainable_modules) -> dict[str, int]:
+    """Freeze every module not in `trainable_modules`; returns the trainable parameter count per module."""
+    counts = {}
+    for name, params in module_parameters(model).items():
+        train = name in trainable_modules
+        for p in params:
+            p.requires_grad_(train)
+        counts[name] = sum(p.numel() for p in params) if train else 0
+    return counts
+
+
+class Videollama3Trainer(SFTTrainer):
+    """`SFTTrainer` for VideoLLaMA3: explicit freezing, per-module learning rates, multimodal data.
+
+    Args:
+        model: a `Videollama3Qwen2ForCausalLM` or a path / Hub id loaded with `trust_remote_code`.
+        args: a `Videollama3SFTConfig` (a stage class defaults to its official preset).
+        train_dataset: rows in the official or messages format (see `trainer.data`), e.g. from
+            `trainer.data.load_records`.
+        processing_class: the VideoLLaMA3 processor; loaded from the model's folder if None.
+        peft_config: a PEFT config; built from `args.lora*` (see `trainer.lora`) when `args.lora`.
+        **kwargs: passed to `SFTTrainer`.
+    """
+
+    stage: int | None = None
+
+    def __init__(self, model, args=None, train_dataset=None, processing_class=None, peft_config=None, **kwargs):
+        if args is None:
+            if self.stage is None:
+                raise ValueError("pass args=Videollama3SFTConfig(...)")
+            args = stage_config(self.stage, output_dir=f"videollama3-stage{self.stage}")
+        if not isinstance(args, Videollama3SFTConfig):
+            raise TypeError(f"args must be a Videollama3SFTConfig, got {type(args).__name__}")
+        if self.stage is not None and args.stage not in (None, self.stage):
+            raise ValueError(f"{type(self).__name__} is stage {self.stage} but args.stage is {args.stage}")
+        if isinstance(model, (str, os.PathLike)):
+            from .lora import load_model
+
+            model = load_model(str(model), args)
+        if processing_class is None:
+            from transformers import AutoProcessor
+
+            processing_class = AutoProcessor.from_pretrained(model.name_or_path, trust_remote_code=True)
+        if train_dataset is not None and INDEX_COLUMN not in train_dataset.column_names:
+            train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+        if train_dataset is not None:
+            train_dataset = check_media(train_dataset, args.data_root, args.media_error_policy)
+
+        if args.lora:
+            from .lora import build_lora_config
+
+            peft_config = peft_config or build_lora_config(model, args)
+            set_trainable_modules(model, ())  # PEFT turns on the adapters and modules_to_save only
+        else:
+            counts = set_trainable_modules(model, args.trainable_modules)
+            logger.info("trainable parameters per module: %s", counts)
+        if "data_collator" not in kwargs or kwargs["data_collator"] is None:
+            kwargs["data_collator"] = build_collator(processing_class, args, train_dataset)
+        super().__init__(
+            model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+            peft_config=peft_config, **kwargs,
+        )
+        if self.stage is not None:
+            logger.info("stage %d: %s", self.stage, STAGE_NAMES[self.stage])
+
+    def create_optimizer(self, model=None):
+        """AdamW (or `args.optim`) with one group per (module, decay / no-decay), each at its module's LR."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None:
+            return self.optimizer
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        decays = {id(p): n in decay_names for n, p in opt_model.named_parameters()}
+        groups = []
+        for module, params in module_parameters(opt_model).items():
+            lr = self.args.module_learning_rate(module)
+            for decay in (True, False):
+                chosen = [p for p in params if p.requires_grad and decays.get(id(p)) == decay]
+                if chosen:
+                    groups.append({
+                        "params": chosen,
+                        "lr": lr,
+                        "weight_decay": self.args.weight_decay if decay else 0.0,
+                        "name": f"{module}{'' if decay else '.no_decay'}",
+                    })
+        if not groups:
+            raise ValueError("no parameter requires grad: check trainable_modules / LoRA settings")
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "lr"}
+        self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save model (or adapter), processor and the four remote-code files, so the folder loads
+        with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`."""
+        output_dir = output_dir or self.args.output_dir
+        register_auto_classes(self.model, self.processing_class)
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            copy_remote_code(output_dir, self.model, self.processing_class)
+
+
+def register_auto_classes(model, processor):
+    base = unwrap(model)
+    type(base).register_for_auto_class("AutoModelForCausalLM")
+    if processor is not None and getattr(type(processor), "_auto_class", None) is None:
+        type(processor).register_for_auto_class("AutoProcessor")
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and getattr(type(image_processor), "_auto_class", None) is None:
+        type(image_processor).register_for_auto_class("AutoImageProcessor")
+
+
+def copy_remote_code(output_dir, model=None, processor=None) -> list[str]:
+    """Copy the remote-code `.py` files that define the loaded classes into `output_dir`.
+
+    The files are taken from where the live classes came from (this checkout or the Hub module
+    cache), falling back to the checkout next to this package.
+    """
+    sources = {}
+    base = unwrap(model) if model is not None else None
+    for obj in (base, getattr(base, "config", None), processor, getattr(processor, "image_processor", None)):
+        if obj is None:
+            continue
+        try:
+            path = Path(inspect.getfile(type(obj)))
+        except TypeError:
+            continue
+        sources.setdefault(path.name, path)
+        for name in REMOTE_CODE_FILES:  # siblings, e.g. the configuration next to the modeling file
+            if (path.parent / name).exists():
+                sources.setdefault(name, path.parent / name)
+    checkout = Path(__file__).resolve().parent.parent
+    copied = []
+    os.makedirs(output_dir, exist_ok=True)
+    for name in REMOTE_CODE_FILES:
+        source = sources.get(name) or (checkout / name)
+        if source.exists() and source.resolve() != (Path(output_dir) / name).resolve():
+            shutil.copyfile(source, Path(output_dir) / name)
+            copied.append(name)
+    return copied
+
+
+class VisionEncoderAdaptationTrainer(Videollama3Trainer):
+    """Stage 1: adapt the vision encoder to the LLM through the projector; the LLM stays frozen."""
+
+    stage = 1
+
+
+class VisionLanguageAlignmentTrainer(Videollama3Trainer):
+    """Stage 2: train everything on large-scale image-text data to align vision and language."""
+
+    stage = 2
+
+
+class MultiTaskFineTuningTrainer(Videollama3Trainer):
+    """Stage 3: multi-task instruction data (images, videos, text); DiffFP prunes video tokens."""
+
+    stage = 3
+
+
+class VideoCentricFineTuningTrainer(Videollama3Trainer):
+    """Stage 4: video-centric instruction data; images merge 2x2 like video frames."""
+
+    stage = 4
+
+
+STAGE_TRAINERS = {
+    1: VisionEncoderAdaptationTrainer,
+    2: VisionLanguageAlignmentTrainer,
+    3: MultiTaskFineTuningTrainer,
+    4: VideoCentricFineTuningTrainer,
+}
+
