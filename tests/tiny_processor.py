@@ -1,0 +1,14 @@
+"""A VideoLLaMA3 processor with small token budgets, so tests run in milliseconds."""
+
+from tests.tiny import tiny_tokenizer
+from tools.local import remote_module
+
+
+def tiny_processor(*, min_tokens: int = 4, max_tokens: int = 256, tokenizer=None, **processor_kwargs):
+    """Processor with the tiny byte-level tokenizer and a `max_tokens`-merged-token budget per sample."""
+    images = remote_module("image_processing_videollama3")
+    processing = remote_module("processing_videollama3")
+    image_processor = images.Videollama3ImageProcessor(min_tokens=min_tokens, max_tokens=max_tokens)
+    return processing.Videollama3Qwen2Processor(
+        image_processor=image_processor, tokenizer=tokenizer or tiny_tokenizer(), **processor_kwargs
+    )
