@@ -402,6 +402,9 @@ def pixel_values_like(weight: torch.Tensor) -> torch.Tensor:
 
 
 class Videollama3Qwen2ForCausalLM(Videollama3PreTrainedModel, GenerationMixin):
+    # Makes `save_pretrained` copy this file and its relative imports next to the weights, also
+    # for a model built in code rather than loaded through an Auto class.
+    _auto_class = "AutoModelForCausalLM"
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: Videollama3Qwen2Config):
