@@ -1,0 +1,76 @@
+"""The synthetic curriculum is deterministic, in the official data format, and its media decode."""
+
+import hashlib
+import json
+
+import pytest
+
+from tools import curriculum
+from tools.local import remote_module
+from tools.spans import parse_span
+
+IP = remote_module("image_processing_videollama3")
+SIZES = dict(images=6, videos=4, texts=5)
+
+
+def digest(folder):
+    """Hash of every file's relative path and bytes under `folder`."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    first = tmp_path_factory.mktemp("a")
+    curriculum.generate(first, seed=3, **SIZES)
+    return first
+
+
+def test_same_seed_gives_identical_bytes(written, tmp_path):
+    curriculum.generate(tmp_path, seed=3, **SIZES)
+    assert digest(tmp_path) == digest(written)
+
+
+def test_other_seed_differs(written, tmp_path):
+    curriculum.generate(tmp_path, seed=4, **SIZES)
+    assert digest(tmp_path) != digest(written)
+
+
+def test_official_format_and_media(written):
+    rows = {name: [json.loads(line) for line in open(written / f"{name}.jsonl")] for name in ("image", "video", "text")}
+    assert [len(rows[n]) for n in ("image", "video", "text")] == [6, 4, 5]
+    for name, tag in (("image", "<image>\n"), ("video", "<video>\n")):
+        for row in rows[name]:
+            assert (written / row[name][0]).is_file()
+            conv = row["conversations"]
+            assert [m["from"] for m in conv] == ["human", "gpt"] * (len(conv) // 2)
+            assert conv[0]["value"].startswith(tag)
+            assert sum(m["value"].count("<") for m in conv) == 1  # one media tag, first turn only
+    for row in rows["text"]:
+        assert set(row) == {"conversations"}
+
+
+def test_videos_decode_at_one_fps_and_spans_parse(written):
+    rows = [json.loads(line) for line in open(written / "eval.jsonl")]
+    videos = [r for r in rows if r["modality"] == "video"]
+    assert videos
+    for row in videos:
+        clip = IP.load_video(str(written / row["video"][0]), fps=1, max_frames=180)
+        assert clip.frames.shape[1:] == (curriculum.VIDEO_SIZE, curriculum.VIDEO_SIZE, 3)
+        assert clip.timestamps == [float(t) for t in range(len(clip.timestamps))]
+        if row["kind"] == "when":
+            start, end = parse_span(row["conversations"][1]["value"])
+            assert 0 <= start < end <= len(clip.timestamps)
+
+
+def test_static_background_is_pruned(written):
+    processor = IP.Videollama3ImageProcessor()
+    kept = total = 0
+    for path in sorted((written / "videos").glob("*.mp4")):
+        clip = IP.load_video(str(path), fps=1, max_frames=180)
+        mask = processor([clip], merge_size=2, use_token_compression=True)["compression_mask"]
+        kept, total = kept + int(mask.sum()), total + mask.numel()
+    assert 1 - kept / total >= 0.5

@@ -1,0 +1,66 @@
+"""The tiny recipe chains text pretraining and stages 1-4 through trainer/ into a Hub-layout folder."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tools import train_default
+
+HUB_FILES = {
+    "config.json", "model.safetensors", "generation_config.json", "chat_template.jinja", "tokenizer.json",
+    "tokenizer_config.json", "processor_config.json", *train_default.REMOTE_CODE_FILES,
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    out = train_default.main(["--quick", "--out", str(root / "tiny"), "--work", str(root / "work"), "--keep-work"])
+    return out, root / "work"
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_hub_layout(run):
+    out, _ = run
+    assert HUB_FILES <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_videollama3.Videollama3Qwen2ForCausalLM"
+    assert config["auto_map"]["AutoProcessor"] == "processing_videollama3.Videollama3Qwen2Processor"
+
+
+def test_stages_chain_with_their_own_freezing(run):
+    _, work = run
+    llm, s1, s2, s4 = (weights(work / name) for name in ("llm", "stage1", "stage2", "stage4"))
+    base = weights(work / "base")
+    vision = [k for k in base if ".vision_encoder." in k]
+    text = [k for k in base if "layers." in k and ".vision_encoder." not in k]
+    # Text pretraining trains the LLM only; stage 1 keeps it frozen and trains the vision side.
+    assert all(torch.equal(base[k], llm[k]) for k in vision)
+    assert any(not torch.equal(base[k], llm[k]) for k in text)
+    assert all(torch.equal(llm[k], s1[k]) for k in text)
+    assert any(not torch.equal(llm[k], s1[k]) for k in vision)
+    # Stage 2 onwards trains everything; stage 4 is the packaged model.
+    assert any(not torch.equal(s1[k], s2[k]) for k in text)
+    final = weights(run[0])
+    assert all(torch.equal(final[k], s4[k]) for k in s4)
+
+
+def test_loads_with_auto_classes_and_answers(run):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    out, work = run
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    video = sorted((work / "data" / "videos").glob("*.mp4"))[0]
+    messages = [{"role": "user", "content": [{"type": "video", "video": str(video)},
+                                             {"type": "text", "text": "What appears in the video?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert inputs["compression_mask"].sum() < inputs["compression_mask"].numel()  # DiffFP on by default
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]

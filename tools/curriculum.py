@@ -1,0 +1,378 @@
+"""Synthetic curriculum for the embedded tiny VideoLLaMA3: coloured shapes in images and videos.
+
+Everything is drawn from one seed with NumPy and Pillow and encoded with PyAV, so the same seed
+gives byte-identical files on any machine (no downloads, no clock, no thread-dependent encoder
+settings). Samples are written in the official VideoLLaMA3 data format, one JSON object a line:
+
+    {"image": ["images/00012.png"], "conversations": [{"from": "human", "value": "<image>\\nWhat ..."},
+                                                     {"from": "gpt", "value": "red"}]}
+    {"video": ["videos/00003.mp4"], "conversations": [{"from": "human", "value": "<video>\\nWhen ..."},
+                                                     {"from": "gpt", "value": "3.0-5.0 seconds"}]}
+    {"conversations": [{"from": "human", "value": "What is 2 plus 3?"}, {"from": "gpt", "value": "5"}]}
+
+Media paths are relative to the folder holding the JSONL files (the trainer's data root).
+
+The world:
+* images (84x84 px): one to three shapes, each of a different shape and colour, each in its own
+  quadrant, on a plain, striped, checkered or noisy background. Questions ask for a colour, a
+  shape, the count, a position ("top left") or a caption.
+* videos (112x112 px, 6-8 s at 10 fps, H.264 lossless so a static background decodes to identical
+  pixels and the Differential Frame Pruner drops it): a static background, sometimes a static
+  distractor shape, and one event: a shape that is visible from second `s` to second `e`
+  ("When does the red circle appear?" -> "2.0-5.0 seconds"), or a shape that moves left, right,
+  up or down for the whole clip. Events start and end on whole seconds, which is what a model
+  sampling one frame a second can resolve.
+* text-only: small arithmetic, facts about the shapes, and a self-introduction.
+"""
+
+import argparse
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 215, 20),
+    "purple": (150, 40, 170),
+}
+SHAPES = ("circle", "square", "triangle")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+BACKGROUNDS = ("plain", "striped", "checkered", "noisy")
+DIRECTIONS = ("left", "right", "up", "down")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+IMAGE_SIZE = 84
+VIDEO_SIZE = 112
+VIDEO_FPS = 10
+SYSTEM_NAME = "I am VideoLLaMA3, a tiny model that describes shapes in images and videos."
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+
+def background(rng: np.random.Generator, size: int, style: str) -> np.ndarray:
+    """A muted `(size, size, 3)` uint8 background; shape colours never come close to it."""
+    base = int(rng.integers(90, 200))
+    tint = rng.integers(-12, 13, size=3)
+    a = np.clip(base + tint, 0, 255).astype(np.uint8)
+    b = np.clip(base + tint + int(rng.choice([-45, 45])), 0, 255).astype(np.uint8)
+    canvas = np.empty((size, size, 3), dtype=np.uint8)
+    canvas[:] = a
+    if style == "striped":
+        period = int(rng.integers(6, 13))
+        stripes = (np.arange(size) // (period // 2)) % 2 == 1
+        if rng.random() < 0.5:
+            canvas[stripes, :] = b
+        else:
+            canvas[:, stripes] = b
+    elif style == "checkered":
+        cell = int(rng.integers(5, 11))
+        idx = np.arange(size) // cell
+        canvas[(idx[:, None] + idx[None, :]) % 2 == 1] = b
+    elif style == "noisy":
+        noise = rng.integers(-25, 26, size=(size, size, 1))
+        canvas = np.clip(canvas.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    return canvas
+
+
+def draw_shape(canvas: np.ndarray, shape: Shape, cx: float, cy: float, radius: float) -> np.ndarray:
+    """Draw `shape` centred at pixel `(cx, cy)` (x right, y down); returns a new array."""
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    colour = COLOURS[shape.colour]
+    box = [cx - radius, cy - radius, cx + radius, cy + radius]
+    if shape.kind == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape.kind == "square":
+        r = radius * 0.85  # same visual weight as the circle
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    else:
+        draw.polygon([(cx, cy - radius), (cx + radius, cy + radius * 0.8), (cx - radius, cy + radius * 0.8)], fill=colour)
+    return np.asarray(image)
+
+
+def distinct_shapes(rng: np.random.Generator, count: int) -> list[Shape]:
+    colours = rng.choice(list(COLOURS), size=count, replace=False)
+    kinds = rng.choice(SHAPES, size=count, replace=False)
+    return [Shape(str(c), str(k)) for c, k in zip(colours, kinds)]
+
+
+def join_names(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+# ---- images ------------------------------------------------------------------------------------
+
+
+def make_image(rng: np.random.Generator):
+    """Returns `(pixels, shapes, quadrants, background style)` of one random scene."""
+    count = int(rng.integers(1, 4))
+    shapes = distinct_shapes(rng, count)
+    quadrants = [int(q) for q in rng.choice(4, size=count, replace=False)]
+    style = str(rng.choice(BACKGROUNDS))
+    canvas = background(rng, IMAGE_SIZE, style)
+    half = IMAGE_SIZE / 2
+    for shape, quadrant in zip(shapes, quadrants):
+        radius = float(rng.uniform(10, 14))
+        cx = (quadrant % 2) * half + half / 2 + float(rng.uniform(-4, 4))
+        cy = (quadrant // 2) * half + half / 2 + float(rng.uniform(-4, 4))
+        canvas = draw_shape(canvas, shape, cx, cy, radius)
+    return canvas, shapes, quadrants, style
+
+
+def image_caption(shapes, quadrants, style) -> str:
+    order = sorted(range(len(shapes)), key=lambda i: quadrants[i])
+    parts = [f"a {shapes[i].name} at the {QUADRANTS[quadrants[i]]}" for i in order]
+    sentence = join_names(parts)
+    return sentence[0].upper() + sentence[1:] + f" on a {style} background."
+
+
+def image_questions(rng: np.random.Generator, shapes, quadrants, style) -> list[tuple[str, str, str]]:
+    """All `(kind, question, answer)` pairs the scene supports, in a fixed order."""
+    qa = []
+    for shape, quadrant in zip(shapes, quadrants):
+        qa.append(("colour", f"What colour is the {shape.kind}?", shape.colour))
+        qa.append(("shape", f"What shape is the {shape.colour} object?", shape.kind))
+        qa.append(("position", f"Where is the {shape.name}?", QUADRANTS[quadrant]))
+    if len(shapes) == 1:
+        qa.append(("colour", "What colour is the shape?", shapes[0].colour))
+        qa.append(("shape", "What shape is in the image?", shapes[0].kind))
+    qa.append(("count", "How many shapes are there?", str(len(shapes))))
+    qa.append(("caption", "Describe the image.", image_caption(shapes, quadrants, style)))
+    return qa
+
+
+# ---- videos ------------------------------------------------------------------------------------
+
+
+def make_video(rng: np.random.Generator):
+    """Returns `(frames (T, H, W, 3) uint8, event dict)` of one clip at `VIDEO_FPS`."""
+    seconds = int(rng.integers(6, 9))
+    style = str(rng.choice(BACKGROUNDS))
+    canvas = background(rng, VIDEO_SIZE, style)
+    count = 2 if rng.random() < 0.5 else 1
+    shapes = distinct_shapes(rng, count)
+    actor = shapes[0]
+    radius = float(rng.uniform(11, 14))
+    if count == 2:
+        # A static distractor in a corner the actor's path avoids is drawn into the background.
+        canvas = draw_shape(canvas, shapes[1], float(rng.choice([18, VIDEO_SIZE - 18])), 18.0, 11.0)
+    kind = "appear" if rng.random() < 0.5 else "move"
+    frames = np.empty((seconds * VIDEO_FPS, VIDEO_SIZE, VIDEO_SIZE, 3), dtype=np.uint8)
+    if kind == "appear":
+        start = int(rng.integers(0, seconds - 1))
+        end = int(rng.integers(start + 1, seconds + 1))
+        if start == 0 and end == seconds:
+            end = seconds - 1 if rng.random() < 0.5 else end
+            start = 1 if end == seconds else start
+        cx, cy = float(rng.uniform(30, VIDEO_SIZE - 30)), float(rng.uniform(45, VIDEO_SIZE - 30))
+        shown = draw_shape(canvas, actor, cx, cy, radius)
+        for i in range(len(frames)):
+            frames[i] = shown if start <= i / VIDEO_FPS < end else canvas
+        event = {"kind": "appear", "shape": actor, "start": start, "end": end}
+    else:
+        direction = str(rng.choice(DIRECTIONS))
+        lo, hi = 20.0, VIDEO_SIZE - 20.0
+        # Off the distractor's corners (y 7-29, x 7-29 or 83-105).
+        across = float(rng.uniform(45, VIDEO_SIZE - 25) if direction in ("left", "right") else rng.uniform(44, VIDEO_SIZE - 44))
+        for i in range(len(frames)):
+            progress = lo + (hi - lo) * i / (len(frames) - 1)
+            along = progress if direction in ("right", "down") else lo + hi - progress
+            cx, cy = (along, across) if direction in ("left", "right") else (across, along)
+            frames[i] = draw_shape(canvas, actor, cx, cy, radius)
+        event = {"kind": "move", "shape": actor, "direction": direction}
+    return frames, event
+
+
+def video_questions(event) -> list[tuple[str, str, str]]:
+    shape = event["shape"]
+    if event["kind"] == "appear":
+        return [
+            ("appear", "What appears in the video?", f"a {shape.name}"),
+            ("when", f"When does the {shape.name} appear?", f"{event['start']:.1f}-{event['end']:.1f} seconds"),
+        ]
+    return [
+        ("direction", f"Which way does the {shape.name} move?", event["direction"]),
+        ("moving", "What moves in the video?", f"a {shape.name}"),
+    ]
+
+
+def write_video(path: Path, frames: np.ndarray) -> None:
+    """Lossless single-threaded H.264 in mp4, so bytes depend only on the pixels."""
+    with av.open(str(path), mode="w", format="mp4") as output:
+        stream = output.add_stream("libx264", rate=VIDEO_FPS)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"preset": "ultrafast", "qp": "0", "threads": "1"}
+        stream.codec_context.time_base = Fraction(1, VIDEO_FPS)
+        for i, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+
+
+# ---- text --------------------------------------------------------------------------------------
+
+TEXT_FACTS = [
+    ("How many sides does a triangle have?", "3"),
+    ("How many sides does a square have?", "4"),
+    ("How many corners does a circle have?", "0"),
+    ("Which shape is round?", "circle"),
+    ("Which shape has three corners?", "triangle"),
+    ("Which shape has four equal sides?", "square"),
+    ("What colour is the sky on a clear day?", "blue"),
+    ("What colour is grass?", "green"),
+    ("What colour is a banana?", "yellow"),
+    ("What colour do red and blue make?", "purple"),
+    ("What colour do blue and yellow make?", "green"),
+    ("Hello! Who are you?", SYSTEM_NAME),
+    ("Who are you?", SYSTEM_NAME),
+    ("What can you do?", "I can answer questions about shapes, colours, positions and motion in images and videos."),
+]
+
+
+def text_sample(rng: np.random.Generator) -> list[tuple[str, str]]:
+    if rng.random() < 0.6:
+        a, b = (int(v) for v in rng.integers(0, 10, size=2))
+        if rng.random() < 0.5:
+            return [(f"What is {a} plus {b}?", str(a + b))]
+        a, b = max(a, b), min(a, b)
+        return [(f"What is {a} minus {b}?", str(a - b))]
+    return [TEXT_FACTS[int(rng.integers(len(TEXT_FACTS)))]]
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def conversation(tag: str | None, turns: list[tuple[str, str]]) -> list[dict]:
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        value = f"{tag}\n{question}" if (tag and i == 0) else question
+        messages += [{"from": "human", "value": value}, {"from": "gpt", "value": answer}]
+    return messages
+
+
+def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, texts: int = 300, turns: int = 3,
+             prefix: str = "") -> dict[str, Path]:
+    """Write media and four JSONL files under `out_dir`; returns their paths by name.
+
+    * `image.jsonl`: one line per image with up to `turns` question turns (caption included
+      with probability 1/2); `caption.jsonl`: the same images with only their caption;
+    * `video.jsonl`: one line per video with all its questions as turns, in random order;
+    * `text.jsonl`: single-turn text-only samples;
+    * `eval.jsonl`: one line per (medium, question), single-turn, with `kind` and `modality` fields,
+      for the held-out evaluation (use a different seed).
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = {"image": [], "caption": [], "video": [], "text": [], "eval": []}
+
+    for i in range(images):
+        pixels, shapes, quadrants, style = make_image(rng)
+        rel = f"images/{prefix}{i:05d}.png"
+        Image.fromarray(pixels).save(out / rel, optimize=False)
+        qa = image_questions(rng, shapes, quadrants, style)
+        order = rng.permutation(len(qa))
+        chosen = [qa[j] for j in order[:turns]]
+        rows["image"].append({"image": [rel], "conversations": conversation("<image>", [(q, a) for _, q, a in chosen])})
+        caption = qa[-1]
+        rows["caption"].append({"image": [rel], "conversations": conversation("<image>", [caption[1:]])})
+        for kind, q, a in qa:
+            rows["eval"].append({"image": [rel], "modality": "image", "kind": kind,
+                                 "conversations": conversation("<image>", [(q, a)])})
+
+    for i in range(videos):
+        frames, event = make_video(rng)
+        rel = f"videos/{prefix}{i:05d}.mp4"
+        write_video(out / rel, frames)
+        qa = video_questions(event)
+        order = rng.permutation(len(qa))
+        rows["video"].append({"video": [rel], "conversations": conversation("<video>", [qa[j][1:] for j in order])})
+        for kind, q, a in qa:
+            rows["eval"].append({"video": [rel], "modality": "video", "kind": kind,
+                                 "conversations": conversation("<video>", [(q, a)])})
+
+    for _ in range(texts):
+        rows["text"].append({"conversations": conversation(None, text_sample(rng))})
+
+    paths = {}
+    for name, items in rows.items():
+        paths[name] = out / f"{name}.jsonl"
+        with open(paths[name], "w") as handle:
+            for item in items:
+                handle.write(json.dumps(item, sort_keys=True) + "\n")
+    return paths
+
+
+def corpus_text(paths: dict[str, Path]) -> list[str]:
+    """Every question and answer of the written JSONL files, for tokenizer training and LM pretraining."""
+    texts = []
+    for name in ("image", "caption", "video", "text"):
+        with open(paths[name]) as handle:
+            for line in handle:
+                for message in json.loads(line)["conversations"]:
+                    texts.append(message["value"].replace("<image>\n", "").replace("<video>\n", ""))
+    return texts
+
+
+def write_examples(out_dir) -> dict[str, Path]:
+    """The demo's bundled media: a fixed image and a fixed video, in the curriculum's style.
+
+    image: a red circle (top left), a blue square (top right) and a yellow triangle (bottom right)
+    on a striped background; video (8 s): a green square visible from 2.0 to 5.0 seconds on a
+    checkered background with a static purple circle in the top-left corner.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    half = IMAGE_SIZE / 2
+    canvas = background(rng, IMAGE_SIZE, "striped")
+    for shape, quadrant in ((Shape("red", "circle"), 0), (Shape("blue", "square"), 1), (Shape("yellow", "triangle"), 3)):
+        cx, cy = (quadrant % 2) * half + half / 2, (quadrant // 2) * half + half / 2
+        canvas = draw_shape(canvas, shape, cx, cy, 12.0)
+    image_path = out / "shapes.png"
+    Image.fromarray(canvas).save(image_path, optimize=False)
+
+    scene = draw_shape(background(rng, VIDEO_SIZE, "checkered"), Shape("purple", "circle"), 18.0, 18.0, 11.0)
+    shown = draw_shape(scene, Shape("green", "square"), 70.0, 72.0, 13.0)
+    frames = np.stack([shown if 2 <= i / VIDEO_FPS < 5 else scene for i in range(8 * VIDEO_FPS)])
+    video_path = out / "shapes.mp4"
+    write_video(video_path, frames)
+    return {"image": image_path, "video": video_path}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--videos", type=int, default=300)
+    parser.add_argument("--texts", type=int, default=300)
+    args = parser.parse_args(argv)
+    paths = generate(args.out_dir, seed=args.seed, images=args.images, videos=args.videos, texts=args.texts)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

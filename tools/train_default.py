@@ -1,0 +1,253 @@
+"""The tiny recipe: train the embedded default VideoLLaMA3 from nothing, on 2 CPU cores, in one command.
+
+    python -m tools.train_default                    # full recipe -> ./tiny_model (about 15 minutes)
+    python -m tools.train_default --quick --out /tmp/t  # a few steps per stage (tests, CI)
+
+Steps, mirroring how the real model was made at a scale a laptop can run:
+1. `tools.curriculum` writes the synthetic shapes curriculum (images, H.264 videos, text) in the
+   official data format.
+2. A byte-level BPE tokenizer is trained on the curriculum's text (Qwen2 pre-tokenizer, the Qwen
+   chat specials, `<image>` and the stream tokens), and wrapped in the VideoLLaMA3 processor.
+3. A randomly initialised tiny model; its LLM is pretrained on text-only chat (standing in for
+   starting from Qwen2.5-Instruct), through `trainer/` with only the LLM trainable.
+4. Stages 1-4 through `python -m trainer --stage N` (its CLI, called in-process), each starting
+   from the previous stage's checkpoint. The stage presets keep their own trainable modules,
+   merge sizes and DiffFP settings; only sizes of the run (steps, batch, learning rates, bf16 off)
+   are overridden, because learning rates meant for pretrained 2B weights do not move a model
+   that starts from random weights within minutes.
+5. The stage-4 checkpoint is copied to `--out` in the Hub layout (config with `auto_map`,
+   `model.safetensors`, processor, tokenizer, chat template, the four remote-code files).
+
+The differences to the official recipe, all forced by scale: a random vision encoder instead of
+SigLIP (so stage 1 trains it at the projector's rate), a few hundred steps instead of epochs over
+millions of samples, fp32 on CPU.
+"""
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import pre_tokenizers
+
+from tools import curriculum
+from tools.local import REPO_ROOT, remote_module
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|stream_start|>", "<|stream_end|>"]
+VOCAB_SIZE = 512
+SEED = 0
+
+# Model size: found by sweeping on 2 CPU cores (see the module docstring of tools.evaluate_default).
+MODEL = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    vision_hidden_size=64, vision_intermediate_size=256, vision_layers=2, vision_heads=4,
+)
+
+# Per stage: which curriculum files (with how many copies), steps, batch size and learning rates.
+# Presets (trainable modules, merge sizes, DiffFP) come from trainer.config.STAGES unchanged.
+FULL = {
+    "curriculum": dict(images=2000, videos=1000, texts=600),
+    "pretrain": dict(data={"text": 1, "lm": 1}, steps=200, batch=16, lr=3e-3),
+    1: dict(data={"caption": 1}, steps=150, batch=16, lr=dict(vision=1e-3, projector=1e-3)),
+    2: dict(data={"caption": 1, "image": 1}, steps=300, batch=16, lr=dict(vision=1e-3, projector=1e-3, llm=1e-3)),
+    3: dict(data={"image": 1, "video": 1, "text": 1}, steps=500, batch=16, lr=dict(vision=1e-3, projector=1e-3, llm=1e-3)),
+    4: dict(data={"video": 2, "image": 1, "text": 1}, steps=300, batch=16, lr=dict(vision=5e-4, projector=5e-4, llm=5e-4)),
+}
+QUICK = {
+    "curriculum": dict(images=8, videos=4, texts=8),
+    "pretrain": dict(data={"text": 1, "lm": 1}, steps=2, batch=4, lr=3e-3),
+    **{stage: {**FULL[stage], "steps": 2, "batch": 4} for stage in (1, 2, 3, 4)},
+}
+
+logger = logging.getLogger("train_default")
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+    """Qwen2 byte-level BPE trained on `texts`, with the Qwen chat specials and the VideoLLaMA3 tokens.
+
+    Starting from a Qwen2 tokenizer of bare bytes keeps Qwen2's pre-tokenizer (digits split one by
+    one, the same regex) and its class, so `AutoTokenizer` loads it like the real one.
+    """
+    from transformers import Qwen2Tokenizer
+
+    alphabet = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    base = Qwen2Tokenizer(vocab=alphabet, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = base.train_new_from_iterator(texts, vocab_size=vocab_size, new_special_tokens=SPECIAL_TOKENS)
+    tokenizer.padding_side = "left"  # batched generation
+    return tokenizer
+
+
+def build_processor(tokenizer):
+    image_processing = remote_module("image_processing_videollama3")
+    processing = remote_module("processing_videollama3")
+    return processing.Videollama3Qwen2Processor(image_processor=image_processing.Videollama3ImageProcessor(), tokenizer=tokenizer)
+
+
+def build_model(tokenizer, seed: int = SEED):
+    configuration = remote_module("configuration_videollama3")
+    modeling = remote_module("modeling_videollama3")
+    config = configuration.Videollama3Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=MODEL["hidden_size"],
+        intermediate_size=MODEL["intermediate_size"],
+        num_hidden_layers=MODEL["num_hidden_layers"],
+        num_attention_heads=MODEL["num_attention_heads"],
+        num_key_value_heads=MODEL["num_key_value_heads"],
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        vision_encoder_config=dict(
+            hidden_size=MODEL["vision_hidden_size"],
+            intermediate_size=MODEL["vision_intermediate_size"],
+            num_hidden_layers=MODEL["vision_layers"],
+            num_attention_heads=MODEL["vision_heads"],
+            patch_size=14,
+        ),
+    )
+    torch.manual_seed(seed)
+    model = modeling.Videollama3Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.do_sample = False
+    return model
+
+
+REMOTE_CODE_FILES = (
+    "configuration_videollama3.py",
+    "modeling_videollama3.py",
+    "processing_videollama3.py",
+    "image_processing_videollama3.py",
+)
+
+
+def copy_remote_code(folder: Path) -> None:
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(REPO_ROOT / name, folder / name)
+
+
+def write_mix(data_dir: Path, name: str, parts: dict[str, int], seed: int) -> Path:
+    """Concatenate curriculum JSONL files (`parts`: file stem -> copies), shuffled, into `name`."""
+    lines = []
+    for stem, copies in parts.items():
+        lines += (data_dir / f"{stem}.jsonl").read_text().splitlines() * copies
+    random.Random(seed).shuffle(lines)
+    path = data_dir / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_lm_rows(data_dir: Path) -> Path:
+    """Text-only chat rows for the LLM's pretraining: the curriculum's answers as free text."""
+    rows = []
+    for stem in ("caption", "video"):
+        for line in (data_dir / f"{stem}.jsonl").read_text().splitlines():
+            for message in json.loads(line)["conversations"][1::2]:
+                rows.append({"conversations": [{"from": "human", "value": "Say something about shapes."},
+                                               {"from": "gpt", "value": message["value"]}]})
+    path = data_dir / "lm.jsonl"
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return path
+
+
+def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path, plan: dict, threads: int):
+    """One `python -m trainer` run, in-process."""
+    from trainer.cli import main as trainer_main
+
+    lr = plan["lr"]
+    argv = [
+        "--model", str(model_dir), "--data", str(data), "--output_dir", str(out_dir),
+        "--data_root", str(data_root),
+        "--max_steps", str(plan["steps"]), "--per_device_train_batch_size", str(plan["batch"]),
+        "--gradient_accumulation_steps", "1", "--bf16", "false", "--use_cpu", "true",
+        "--warmup_steps", str(max(1, plan["steps"] // 20)), "--weight_decay", "0.0", "--max_grad_norm", "1.0",
+        "--logging_steps", "25", "--save_strategy", "no", "--report_to", "none", "--seed", str(SEED),
+        "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+    ]
+    if stage == "pretrain":
+        argv += ["--trainable_modules", "llm", "--learning_rate", str(lr), "--multimodal_packing", "true",
+                 "--use_token_compression", "false"]
+    else:
+        argv += ["--stage", str(stage), "--learning_rate", str(max(lr.values()))]
+        for module, key in (("vision", "vision_encoder_learning_rate"), ("projector", "projector_learning_rate"),
+                            ("llm", "llm_learning_rate")):
+            if module in lr:
+                argv += [f"--{key}", str(lr[module])]
+    torch.set_num_threads(threads)
+    trainer = trainer_main(argv)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses
+
+
+def package(stage_dir: Path, out: Path) -> None:
+    """Copy the final checkpoint to `out`, dropping trainer-only files."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(stage_dir, out, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*", "runs"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train the embedded tiny VideoLLaMA3 (all four stages).")
+    parser.add_argument("--out", default=str(REPO_ROOT / "tiny_model"), help="final checkpoint folder")
+    parser.add_argument("--work", default=None, help="data and stage checkpoints (default: <out>.work)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage (tests)")
+    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads")
+    parser.add_argument("--keep-work", action="store_true", help="keep the work folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plan = QUICK if args.quick else FULL
+    out = Path(args.out)
+    work = Path(args.work or f"{out}.work")
+    data_dir = work / "data"
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    torch.set_num_threads(args.threads)
+    timings = {}
+    start = time.time()
+
+    curriculum.generate(data_dir, seed=SEED, **plan["curriculum"])
+    paths = {n: data_dir / f"{n}.jsonl" for n in ("image", "caption", "video", "text")}
+    write_lm_rows(data_dir)
+    tokenizer = build_tokenizer(curriculum.corpus_text(paths) + [f"Time {t:.1f}s:" for t in range(200)])
+    processor = build_processor(tokenizer)
+    model = build_model(tokenizer)
+    base = work / "base"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    copy_remote_code(base)
+    timings["data+tokenizer"] = time.time() - start
+
+    previous, losses = base, {}
+    for stage in ("pretrain", 1, 2, 3, 4):
+        t0 = time.time()
+        mix = write_mix(data_dir, f"{stage}.jsonl", plan[stage]["data"], seed=SEED)
+        stage_dir = work / f"stage{stage}" if stage != "pretrain" else work / "llm"
+        losses[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads)
+        previous = stage_dir
+        timings[f"stage {stage}"] = time.time() - t0
+        logger.info("stage %s done in %.0f s; loss %s", stage, timings[f"stage {stage}"],
+                    [round(x, 3) for x in losses[stage][:1] + losses[stage][-1:]])
+
+    package(previous, out)
+    if not args.keep_work:
+        shutil.rmtree(work)
+    total = time.time() - start
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    for name, seconds in timings.items():
+        print(f"{name:>16}: {seconds:6.0f} s")
+    print(f"{'total':>16}: {total:6.0f} s; checkpoint {out} {size:.1f} MB")
+    return out
+
+
+if __name__ == "__main__":
+    main()
