@@ -85,10 +85,13 @@ def test_left_padded_batch_matches_each_sample_alone_and_native(model, native, t
 def test_eager_equals_sdpa(tok):
     torch.manual_seed(4)
     config = tiny_config(tok)
-    sdpa = M.Videollama3Qwen2ForCausalLM(config).eval()
-    eager = M.Videollama3Qwen2ForCausalLM._from_config(config, attn_implementation="eager").eval()
+    # Separate config objects: `_from_config` writes the implementation into the one it is given.
+    sdpa = M.Videollama3Qwen2ForCausalLM._from_config(tiny_config(tok), attn_implementation="sdpa").eval()
+    eager = M.Videollama3Qwen2ForCausalLM._from_config(tiny_config(tok), attn_implementation="eager").eval()
     eager.load_state_dict(sdpa.state_dict())
-    assert eager.model.vision_encoder.config._attn_implementation == "eager"
+    for model, implementation in ((sdpa, "sdpa"), (eager, "eager")):
+        assert model.model.vision_encoder.config._attn_implementation == implementation
+        assert model.model.layers[0].self_attn.config._attn_implementation == implementation
     items = [image(4, 6), video(4, 4, 4, keep_fraction=0.5)]
     inputs = our_inputs(tok, [(items, "x")], config.image_token_index)
     assert (logits(sdpa, inputs) - logits(eager, inputs)).abs().max() < TOL
@@ -331,8 +334,9 @@ def test_flash_attention_2_matches_sdpa(tok):
     pytest.importorskip("flash_attn")
     torch.manual_seed(16)
     config = tiny_config(tok)
-    sdpa = M.Videollama3Qwen2ForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    flash = M.Videollama3Qwen2ForCausalLM._from_config(config, attn_implementation="flash_attention_2")
+    sdpa = M.Videollama3Qwen2ForCausalLM._from_config(tiny_config(tok), attn_implementation="sdpa")
+    sdpa = sdpa.to("cuda", torch.bfloat16).eval()
+    flash = M.Videollama3Qwen2ForCausalLM._from_config(tiny_config(tok), attn_implementation="flash_attention_2")
     flash = flash.to("cuda", torch.bfloat16).eval()
     flash.load_state_dict(sdpa.state_dict())
     inputs = our_inputs(tok, [([image(4, 6), video(6, 4, 4, keep_fraction=0.5)], "x")], config.image_token_index)

@@ -172,9 +172,11 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
         "--warmup_steps", str(max(1, plan["steps"] // 20)), "--weight_decay", "0.0", "--max_grad_norm", "1.0",
         "--logging_steps", "25", "--save_strategy", "no", "--report_to", "none", "--seed", str(SEED),
         "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        # Padded batches: packing leaks attention across samples here (see PACKING below).
+        "--multimodal_packing", "false", "--lr_scheduler_type", plan.get("scheduler", "cosine"),
     ]
     if stage == "pretrain":
-        argv += ["--trainable_modules", "llm", "--learning_rate", str(lr), "--multimodal_packing", "true",
+        argv += ["--trainable_modules", "llm", "--learning_rate", str(lr),
                  "--use_token_compression", "false"]
     else:
         argv += ["--stage", str(stage), "--learning_rate", str(max(lr.values()))]
@@ -202,9 +204,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (tests)")
     parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads")
     parser.add_argument("--keep-work", action="store_true", help="keep the work folder")
+    parser.add_argument("--plan", default=None, help="JSON file overriding parts of the plan (experiments)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    plan = QUICK if args.quick else FULL
+    plan = dict(QUICK if args.quick else FULL)
+    if args.plan:
+        for key, value in json.loads(Path(args.plan).read_text()).items():
+            key = int(key) if key.isdigit() else key
+            plan[key] = {**plan[key], **value}
     out = Path(args.out)
     work = Path(args.work or f"{out}.work")
     data_dir = work / "data"
