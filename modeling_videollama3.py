@@ -33,6 +33,8 @@ VISION_INPUT_NAMES = ("pixel_values", "grid_sizes", "merge_sizes", "compression_
 # Upper bound on one eager/sdpa attention call's score tensor (F*H*L*L fp32 values), so memory
 # stays flat however many frames a video has: longer videos take more calls, not bigger ones.
 ATTENTION_CHUNK_SCORES = 1 << 26
+# Rows of one vision-MLP call without grad: bounds the (rows, intermediate) activation.
+MLP_CHUNK_TOKENS = 8192
 
 
 @dataclass
@@ -76,6 +78,14 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    """Rotate `(n, H, hd)` queries and keys; in float32: bf16 angles lose the low bits that
+    distinguish neighbouring positions."""
+    q = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
+    k = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
+    return q, k
 
 
 class Videollama3VisionRotaryEmbedding(nn.Module):
@@ -142,16 +152,13 @@ class Videollama3VisionAttention(nn.Module):
         q = self.q_proj(hidden_states).view(N, self.num_heads, self.head_dim)  # (N, H, hd)
         k = self.k_proj(hidden_states).view(N, self.num_heads, self.head_dim)  # (N, H, hd)
         v = self.v_proj(hidden_states).view(N, self.num_heads, self.head_dim)  # (N, H, hd)
-        # RoPE in float32: bf16 angles lose the low bits that distinguish neighbouring positions.
-        cos, sin = rope
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
 
         # Read at call time, as transformers layers do, so `set_attn_implementation` takes effect.
         implementation = self.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
         dropout = self.dropout if self.training else 0.0
         if implementation.startswith("flash_attention"):
+            q, k = apply_rope(q, k, *rope)
             out, _ = attention(
                 self,
                 q.transpose(0, 1)[None],  # (1, H, N, hd)
@@ -168,14 +175,16 @@ class Videollama3VisionAttention(nn.Module):
             )  # (1, N, H, hd)
             out = out.reshape(N, -1)  # (N, D_v)
         else:
-            outs = []
+            # RoPE per chunk and one output buffer: whole-tensor RoPE temporaries and a list + cat of
+            # the outputs were the peak of a long video's forward (each is N x D_v).
+            out = v.new_empty(N, self.num_heads * self.head_dim)  # (N, D_v)
             for start, frames, length in plan.chunks:
                 end = start + frames * length
-                q_c, k_c, v_c = (x[start:end].view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
-                                 for x in (q, k, v))  # (F, H, L, hd)
+                q_c, k_c = apply_rope(q[start:end], k[start:end], rope[0][start:end], rope[1][start:end])
+                q_c, k_c, v_c = (x.view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
+                                 for x in (q_c, k_c, v[start:end]))  # (F, H, L, hd)
                 out_c, _ = attention(self, q_c, k_c, v_c, None, scaling=self.scaling, dropout=dropout, is_causal=False)
-                outs.append(out_c.reshape(frames * length, -1))  # (F*L, D_v)
-            out = torch.cat(outs) if len(outs) > 1 else outs[0]  # (N, D_v)
+                out[start:end] = out_c.reshape(frames * length, -1)  # (F*L, D_v)
         return self.out_proj(out)
 
 
@@ -187,7 +196,16 @@ class Videollama3VisionMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(hidden_states)))
+        if torch.is_grad_enabled() or hidden_states.shape[0] <= MLP_CHUNK_TOKENS:
+            return self.fc2(self.act(self.fc1(hidden_states)))
+        # Inference on long videos: the (N, I) fc1 output and its activation are the largest
+        # tensors of the encoder; token chunks cap them. Training keeps one call (autograd saves
+        # the activations anyway).
+        out = hidden_states.new_empty(hidden_states.shape[0], self.fc2.out_features)  # (N, D_v)
+        for start in range(0, hidden_states.shape[0], MLP_CHUNK_TOKENS):
+            chunk = hidden_states[start : start + MLP_CHUNK_TOKENS]
+            out[start : start + MLP_CHUNK_TOKENS] = self.fc2(self.act(self.fc1(chunk)))
+        return out
 
 
 class Videollama3VisionEncoderLayer(GradientCheckpointingLayer):
@@ -378,6 +396,10 @@ class Videollama3Qwen2Model(Qwen2Model):
     ):
         """Returns the LLM's `last_hidden_state`, aligned with `input_ids` (nothing is dropped here)."""
         past_length = cache.get_seq_length() if cache is not None else 0
+        if use_cache is None and self.training:
+            # A cache is never read in training, and its mere presence makes transformers ignore the
+            # sample boundaries in packed `position_ids`: packed samples would attend to each other.
+            use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_multimodal(
                 input_ids, pixel_values, grid_sizes, merge_sizes, compression_mask, is_prefill=past_length == 0

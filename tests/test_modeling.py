@@ -344,3 +344,26 @@ def test_flash_attention_2_matches_sdpa(tok):
     inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
     assert (logits(sdpa, inputs).float() - logits(flash, inputs).float()).abs().max() < 5e-2
 
+
+
+def test_packed_row_in_training_matches_samples_alone(model, tok):
+    """Packed samples (position_ids restarting, no attention_mask) must not see each other, also
+    when the caller passes no `use_cache` (a cache would make transformers ignore the boundaries)."""
+    torch.manual_seed(17)
+    img = model.config.image_token_index
+    samples = [([image(4, 4)], "first"), ([video(3, 4, 4, keep_fraction=0.5)], "second sample")]
+    alone = [our_inputs(tok, [sample], img) for sample in samples]
+    packed = {
+        "input_ids": torch.cat([a["input_ids"] for a in alone], dim=1),
+        "position_ids": torch.cat([torch.arange(a["input_ids"].shape[1]) for a in alone])[None],
+    }
+    for name in ("pixel_values", "grid_sizes", "merge_sizes", "compression_mask"):
+        packed[name] = torch.cat([a[name] for a in alone])
+    model.train()
+    try:
+        with torch.no_grad():
+            packed_logits = model(**packed).logits
+            expected = torch.cat([model(**a).logits for a in alone], dim=1)
+    finally:
+        model.eval()
+    assert (packed_logits - expected).abs().max() < TOL
