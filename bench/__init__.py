@@ -1,0 +1,1 @@
+"""Benchmarks of this implementation against transformers' native port; see `bench/run.py`."""
