@@ -1,0 +1,573 @@
+"""VideoLLaMA3: a SigLIP-shaped vision encoder with 2D RoPE, an MLP projector and a Qwen2.5 LLM.
+
+Attribute names equal the official checkpoint keys (`model.vision_encoder.*`,
+`model.mm_projector.readout.*`, Qwen2 names), so official weights load with no remapping.
+
+Shape vocabulary used in the comments of the vision and merge path:
+    N    patches of all images/frames in the call (rows of `pixel_values`)
+    F    frames (an image is one frame) in one attention chunk; L = gh*gw patches per frame
+    H    attention heads, hd head width; D_v / D_t vision / text widths
+    m    merge size of an item; M merged tokens of all items (N / m^2 summed per item)
+    K    merged tokens kept by the processor's compression mask (= `<image>` placeholders)
+    B, S batch size and text length
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, Qwen2Model
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .configuration_videollama3 import Videollama3Qwen2Config, Videollama3VisionEncoderConfig
+
+# Processor outputs that describe visual items; generation must move them together per sample.
+VISION_INPUT_NAMES = ("pixel_values", "grid_sizes", "merge_sizes", "compression_mask")
+
+# Upper bound on one eager/sdpa attention call's score tensor (F*H*L*L fp32 values), so memory
+# stays flat however many frames a video has: longer videos take more calls, not bigger ones.
+ATTENTION_CHUNK_SCORES = 1 << 26
+# Rows of one vision-MLP call without grad: bounds the (rows, intermediate) activation.
+MLP_CHUNK_TOKENS = 8192
+
+
+@dataclass
+class VisionAttentionPlan:
+    """How the N patches of one vision forward split into independent attention sequences.
+
+    Every image and every video frame attends only to itself (AVT). Consecutive frames of one size
+    are batched: `chunks` holds `(first_patch, frames, patches_per_frame)`. `cu_seqlens` and
+    `max_seqlen` describe the same frames for a single varlen flash-attention call.
+    """
+
+    chunks: list[tuple[int, int, int]]
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @classmethod
+    def from_grids(cls, grids: list[tuple[int, int, int]], num_heads: int, device) -> "VisionAttentionPlan":
+        chunks, lengths, start = [], [], 0
+        for t, h, w in grids:
+            length = h * w
+            frames_per_call = max(1, ATTENTION_CHUNK_SCORES // (num_heads * length * length))
+            for first in range(0, t, frames_per_call):
+                frames = min(frames_per_call, t - first)
+                chunks.append((start, frames, length))
+                start += frames * length
+            lengths += [length] * t
+        cu_seqlens = F.pad(torch.tensor(lengths, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+        return cls(chunks, cu_seqlens, max(lengths))
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention over `(F, H, L, hd)`; returns `(F, L, H, hd)` like the other backends."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (F, H, L, L)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (F, L, H, hd)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    """Rotate `(n, H, hd)` queries and keys; in float32: bf16 angles lose the low bits that
+    distinguish neighbouring positions."""
+    q = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
+    k = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
+    return q, k
+
+
+class Videollama3VisionRotaryEmbedding(nn.Module):
+    """2D RoPE: a patch at (row, col) rotates half its channels by row angles and half by col angles.
+
+    Frequencies are recomputed from two numbers on each call instead of living in a buffer: they
+    are not in the checkpoint, and a buffer would need re-initialising after meta-device loading.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.rotary_dim = head_dim // 2  # rows and cols each rotate a quarter of head_dim pairs
+        self.theta = theta
+
+    def forward(self, grids: list[tuple[int, int, int]], merge_sizes: list[int], device) -> tuple[torch.Tensor, ...]:
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.rotary_dim, 2, device=device, dtype=torch.float32) / self.rotary_dim)
+        )
+        angles = []
+        for (t, h, w), m in zip(grids, merge_sizes):
+            # Patches come in merge-block order: (h/m, w/m, m, m), so one merged token is contiguous.
+            rows = torch.arange(h, device=device).view(h // m, 1, m, 1).expand(h // m, w // m, m, m)
+            cols = torch.arange(w, device=device).view(1, w // m, 1, m).expand(h // m, w // m, m, m)
+            frame = torch.cat([rows.reshape(-1, 1) * inv_freq, cols.reshape(-1, 1) * inv_freq], dim=-1)  # (L, hd/2)
+            angles.append(frame.repeat(t, 1))  # (t*L, hd/2): no temporal position, every frame alike
+        angles = torch.cat(angles).repeat(1, 2)[:, None, :]  # (N, 1, hd)
+        return angles.cos(), angles.sin()
+
+
+class Videollama3VisionEmbeddings(nn.Module):
+    def __init__(self, config: Videollama3VisionEncoderConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # A stride-p conv over one p x p patch is a matmul with the flattened (C, p, p) kernel.
+        weight = self.patch_embedding.weight
+        return F.linear(pixel_values.to(weight.dtype), weight.flatten(1), self.patch_embedding.bias)  # (N, D_v)
+
+
+class Videollama3VisionAttention(nn.Module):
+    def __init__(self, config: Videollama3VisionEncoderConfig):
+        super().__init__()
+        self.config = config  # the attention interface reads the implementation from it
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        if self.head_dim * self.num_heads != config.hidden_size:
+            raise ValueError(
+                f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}"
+            )
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = False
+        self.num_key_value_groups = 1
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states, rope: tuple[torch.Tensor, torch.Tensor], plan: VisionAttentionPlan):
+        N = hidden_states.shape[0]
+        q = self.q_proj(hidden_states).view(N, self.num_heads, self.head_dim)  # (N, H, hd)
+        k = self.k_proj(hidden_states).view(N, self.num_heads, self.head_dim)  # (N, H, hd)
+        v = self.v_proj(hidden_states).view(N, self.num_heads, self.head_dim)  # (N, H, hd)
+
+        # Read at call time, as transformers layers do, so `set_attn_implementation` takes effect.
+        implementation = self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        dropout = self.dropout if self.training else 0.0
+        if implementation.startswith("flash_attention"):
+            q, k = apply_rope(q, k, *rope)
+            out, _ = attention(
+                self,
+                q.transpose(0, 1)[None],  # (1, H, N, hd)
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                attention_mask=None,
+                scaling=self.scaling,
+                dropout=dropout,
+                is_causal=False,
+                cu_seq_lens_q=plan.cu_seqlens,
+                cu_seq_lens_k=plan.cu_seqlens,
+                max_length_q=plan.max_seqlen,
+                max_length_k=plan.max_seqlen,
+            )  # (1, N, H, hd)
+            out = out.reshape(N, -1)  # (N, D_v)
+        else:
+            # RoPE per chunk and one output buffer: whole-tensor RoPE temporaries and a list + cat of
+            # the outputs were the peak of a long video's forward (each is N x D_v).
+            out = v.new_empty(N, self.num_heads * self.head_dim)  # (N, D_v)
+            for start, frames, length in plan.chunks:
+                end = start + frames * length
+                q_c, k_c = apply_rope(q[start:end], k[start:end], rope[0][start:end], rope[1][start:end])
+                q_c, k_c, v_c = (x.view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
+                                 for x in (q_c, k_c, v[start:end]))  # (F, H, L, hd)
+                out_c, _ = attention(self, q_c, k_c, v_c, None, scaling=self.scaling, dropout=dropout, is_causal=False)
+                out[start:end] = out_c.reshape(frames * length, -1)  # (F*L, D_v)
+        return self.out_proj(out)
+
+
+class Videollama3VisionMLP(nn.Module):
+    def __init__(self, config: Videollama3VisionEncoderConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or hidden_states.shape[0] <= MLP_CHUNK_TOKENS:
+            return self.fc2(self.act(self.fc1(hidden_states)))
+        # Inference on long videos: the (N, I) fc1 output and its activation are the largest
+        # tensors of the encoder; token chunks cap them. Training keeps one call (autograd saves
+        # the activations anyway).
+        out = hidden_states.new_empty(hidden_states.shape[0], self.fc2.out_features)  # (N, D_v)
+        for start in range(0, hidden_states.shape[0], MLP_CHUNK_TOKENS):
+            chunk = hidden_states[start : start + MLP_CHUNK_TOKENS]
+            out[start : start + MLP_CHUNK_TOKENS] = self.fc2(self.act(self.fc1(chunk)))
+        return out
+
+
+class Videollama3VisionEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LN transformer block of the SigLIP encoder."""
+
+    def __init__(self, config: Videollama3VisionEncoderConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Videollama3VisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Videollama3VisionMLP(config)
+
+    def forward(self, hidden_states, rope, plan):
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), rope, plan)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class Videollama3VisionEncoder(nn.Module):
+    def __init__(self, config: Videollama3VisionEncoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(Videollama3VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, hidden_states, rope, plan):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, rope, plan)
+        return hidden_states
+
+
+class Videollama3VisionEncoderModel(PreTrainedModel):
+    """Encodes flat patches of any number of images/frames, each at its own size, into merged tokens."""
+
+    config_class = Videollama3VisionEncoderConfig
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Videollama3VisionEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: Videollama3VisionEncoderConfig):
+        super().__init__(config)
+        self.num_heads = config.num_attention_heads
+        self.rotary = Videollama3VisionRotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
+        self.embeddings = Videollama3VisionEmbeddings(config)
+        self.encoder = Videollama3VisionEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, grid_sizes: torch.Tensor, merge_sizes: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            pixel_values: `(N, C*p*p)` patches, items in order, frames in order, patches of each frame
+                in merge-block order.
+            grid_sizes: `(k, 3)` rows `[t, gh, gw]` in patches before merging, one per item.
+            merge_sizes: `(k,)` spatial downsampling factor `m` of each item.
+
+        Returns:
+            `(M, D_v)` merged tokens: each item bilinearly downsampled by its `m`, row-major per frame.
+        """
+        grids = [tuple(g) for g in grid_sizes.tolist()]
+        merges = merge_sizes.tolist()
+        if len(grids) != len(merges):
+            raise ValueError(f"grid_sizes has {len(grids)} items but merge_sizes has {len(merges)}")
+        for i, ((t, h, w), m) in enumerate(zip(grids, merges)):
+            if min(t, h, w, m) < 1 or h % m or w % m:
+                raise ValueError(f"item {i}: grid (t={t}, h={h}, w={w}) is not a positive multiple of merge size {m}")
+        expected = sum(t * h * w for t, h, w in grids)
+        if pixel_values.shape[0] != expected:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_sizes describe {expected}")
+
+        device = pixel_values.device
+        plan = VisionAttentionPlan.from_grids(grids, self.num_heads, device)
+        rope = self.rotary(grids, merges, device)  # 2 x (N, 1, hd)
+        hidden_states = self.embeddings(pixel_values)  # (N, D_v)
+        hidden_states = self.encoder(hidden_states, rope, plan)  # (N, D_v)
+        hidden_states = self.post_layernorm(hidden_states)  # (N, D_v)
+
+        items = hidden_states.split([t * h * w for t, h, w in grids])
+        return torch.cat([downsample(x, grid, m) for x, grid, m in zip(items, grids, merges)])  # (M, D_v)
+
+
+def downsample(x: torch.Tensor, grid: tuple[int, int, int], m: int) -> torch.Tensor:
+    """Bilinear resize of one item's `(t*h*w, D)` patches (merge-block order) by `1/m` per side."""
+    if m == 1:
+        return x  # (t*h*w, D): merge-block order with m=1 is already row-major
+    if m == 2:
+        # A factor-2 bilinear resize (align_corners=False) samples midway between each pixel pair:
+        # exactly the mean of each 2x2 block, and those 4 patches are contiguous in merge-block order.
+        return x.view(-1, 4, x.shape[-1]).mean(1)  # (t*h/2*w/2, D)
+    t, h, w = grid
+    D = x.shape[-1]
+    spatial = x.view(t, h // m, w // m, m, m, D).permute(0, 5, 1, 3, 2, 4).reshape(t, D, h, w)  # (t, D, h, w)
+    merged = F.interpolate(spatial, size=(h // m, w // m), mode="bilinear", align_corners=False)  # (t, D, h/m, w/m)
+    return merged.permute(0, 2, 3, 1).reshape(-1, D)  # (t*h/m*w/m, D)
+
+
+class Videollama3Projector(nn.Module):
+    """`mlp2x_gelu`: Linear, GELU (erf), Linear from the vision width into the LLM width."""
+
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int):
+        super().__init__()
+        self.readout = nn.Sequential(
+            nn.Linear(vision_hidden_size, text_hidden_size), nn.GELU(), nn.Linear(text_hidden_size, text_hidden_size)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.readout(features)  # (M, D_t)
+
+
+class Videollama3PreTrainedModel(PreTrainedModel):
+    config_class = Videollama3Qwen2Config
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Videollama3VisionEncoderLayer", "Qwen2DecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+
+class Videollama3Qwen2Model(Qwen2Model):
+    """Qwen2 decoder whose `<image>` placeholder embeddings are replaced by projected vision tokens."""
+
+    config_class = Videollama3Qwen2Config
+    _no_split_modules = ["Videollama3VisionEncoderLayer", "Qwen2DecoderLayer"]
+    _supports_flash_attn = True
+
+    def __init__(self, config: Videollama3Qwen2Config):
+        super().__init__(config)
+        self.vision_encoder = Videollama3VisionEncoderModel(config.vision_encoder_config)
+        self.mm_projector = Videollama3Projector(config.vision_encoder_config.hidden_size, config.hidden_size)
+        self.image_token_index = config.image_token_index
+        self.post_init()
+
+    def get_visual_features(self, pixel_values, grid_sizes, merge_sizes, compression_mask=None) -> torch.Tensor:
+        """Project all items' merged tokens and keep those the processor kept: `(K, D_t)`."""
+        features = self.mm_projector(self.vision_encoder(pixel_values, grid_sizes, merge_sizes))  # (M, D_t)
+        if compression_mask is not None:
+            if compression_mask.shape[0] != features.shape[0]:
+                raise ValueError(
+                    f"compression_mask has {compression_mask.shape[0]} entries but the visual inputs give "
+                    f"{features.shape[0]} merged tokens"
+                )
+            features = features[compression_mask.bool()]  # (K, D_t)
+        return features
+
+    def embed_multimodal(self, input_ids, pixel_values, grid_sizes, merge_sizes, compression_mask, is_prefill):
+        inputs_embeds = self.embed_tokens(input_ids)  # (B, S, D_t)
+        placeholders = input_ids == self.image_token_index  # (B, S)
+        if pixel_values is not None:
+            features = self.get_visual_features(pixel_values, grid_sizes, merge_sizes, compression_mask)  # (K, D_t)
+            num_tokens = int(placeholders.sum())
+            if num_tokens != features.shape[0]:
+                # TRL recognises this wording and adds a hint about truncation by max_length.
+                raise ValueError(
+                    f"Image features and image tokens do not match: tokens: {num_tokens}, features {features.shape[0]}"
+                )
+            return inputs_embeds.masked_scatter(placeholders[..., None], features.to(inputs_embeds.dtype))
+        if is_prefill and bool(placeholders.any()):
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens: {int(placeholders.sum())}, features 0 "
+                "(the prompt has <image> placeholders but no pixel_values were given)"
+            )
+        if self.training and torch.is_grad_enabled():
+            # Sharded data-parallel training (ZeRO-3, FSDP) hangs if one rank skips the vision tower
+            # while others run it; a one-patch dummy pass, multiplied by zero, keeps ranks in step.
+            dummy = pixel_values_like(self.vision_encoder.embeddings.patch_embedding.weight)
+            grid = torch.ones(1, 3, dtype=torch.long, device=dummy.device)
+            merge = torch.ones(1, dtype=torch.long, device=dummy.device)
+            inputs_embeds = inputs_embeds + 0.0 * self.get_visual_features(dummy, grid, merge).sum()
+        return inputs_embeds
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        grid_sizes: torch.LongTensor | None = None,
+        merge_sizes: torch.LongTensor | None = None,
+        compression_mask: torch.BoolTensor | None = None,
+        **kwargs,
+    ):
+        """Returns the LLM's `last_hidden_state`, aligned with `input_ids` (nothing is dropped here)."""
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if use_cache is None and self.training:
+            # A cache is never read in training, and its mere presence makes transformers ignore the
+            # sample boundaries in packed `position_ids`: packed samples would attend to each other.
+            use_cache = False
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_multimodal(
+                input_ids, pixel_values, grid_sizes, merge_sizes, compression_mask, is_prefill=past_length == 0
+            )  # (B, S, D_t)
+        elif pixel_values is not None:
+            raise ValueError("pass either inputs_embeds or input_ids with pixel_values, not both")
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            # Left padding must not shift positions: a padded row then equals the same row alone.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]  # (B, S)
+        return super().forward(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+def pixel_values_like(weight: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(1, weight[0].numel(), dtype=weight.dtype, device=weight.device)  # (1, C*p*p)
+
+
+class Videollama3Qwen2ForCausalLM(Videollama3PreTrainedModel, GenerationMixin):
+    # Makes `save_pretrained` copy this file and its relative imports next to the weights, also
+    # for a model built in code rather than loaded through an Auto class.
+    _auto_class = "AutoModelForCausalLM"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Videollama3Qwen2Config):
+        super().__init__(config)
+        self.model = Videollama3Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def adjust_generation_fn(self, *args, **kwargs):
+        super().adjust_generation_fn(*args, **kwargs)
+        # Official config.json files say `use_cache: false`, a leftover of their training runs that
+        # the generation config inherits when no generation_config.json says otherwise; decoding
+        # would then re-run the whole sequence per token. A call may still pass use_cache=False.
+        if self.generation_config.use_cache is False:
+            self.generation_config.use_cache = True
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        grid_sizes: torch.LongTensor | None = None,
+        merge_sizes: torch.LongTensor | None = None,
+        compression_mask: torch.BoolTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            pixel_values: `(N, 3*14*14)` flat patches of every image and video frame in the batch.
+            grid_sizes: `(k, 3)` rows `[t, gh, gw]` per visual item, in patches before merging.
+            merge_sizes: `(k,)` per-item merge size (1 for images, 2 for videos by default).
+            compression_mask: `(M,)` bool over all merged tokens, True where the processor kept the
+                token (Differential Frame Pruner); the prompt holds one `<image>` per kept token.
+            labels: `(B, S)` with -100 on positions that carry no loss.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            grid_sizes=grid_sizes,
+            merge_sizes=merge_sizes,
+            compression_mask=compression_mask,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)  # (B, S, V)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and `num_return_sequences` copy each prompt; its visual items must follow it.
+
+        The default expansion repeats every tensor along dim 0, which for flat `pixel_values` would
+        interleave patches of different samples. Here each sample's items are copied as a block.
+        """
+        if expand_size == 1 or model_kwargs.get("pixel_values") is None:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        vision = {name: model_kwargs.pop(name, None) for name in VISION_INPUT_NAMES}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        placeholders_per_sample = (input_ids[::expand_size] == self.config.image_token_index).sum(-1).tolist()
+        model_kwargs.update(repeat_items_per_sample(vision, placeholders_per_sample, expand_size))
+        return input_ids, model_kwargs
+
+
+def repeat_items_per_sample(vision: dict, placeholders_per_sample: list[int], expand_size: int) -> dict:
+    """Repeat each sample's visual items `expand_size` times, keeping samples in order."""
+    grids = vision["grid_sizes"].tolist()
+    merges = vision["merge_sizes"].tolist()
+    patches = [t * h * w for t, h, w in grids]
+    merged = [t * (h // m) * (w // m) for (t, h, w), m in zip(grids, merges)]
+    mask = vision["compression_mask"]
+    kept = mask.split(merged) if mask is not None else None
+    kept_counts = [int(k.sum()) for k in kept] if kept is not None else merged
+
+    items_of_sample, item = [], 0
+    for sample, wanted in enumerate(placeholders_per_sample):
+        first, count = item, 0
+        while count < wanted and item < len(grids):
+            count += kept_counts[item]
+            item += 1
+        if count != wanted:
+            raise ValueError(
+                f"Image features and image tokens do not match: sample {sample} has {wanted} <image> tokens but its "
+                f"visual items give {count} features"
+            )
+        items_of_sample.append(range(first, item))
+    if item != len(grids):
+        raise ValueError(
+            f"Image features and image tokens do not match: {len(grids) - item} visual items have no <image> tokens"
+        )
+    order = [i for items in items_of_sample for _ in range(expand_size) for i in items]
+
+    pixel_chunks = vision["pixel_values"].split(patches)
+    return {
+        "pixel_values": torch.cat([pixel_chunks[i] for i in order]),
+        "grid_sizes": vision["grid_sizes"][order],
+        "merge_sizes": vision["merge_sizes"][order],
+        "compression_mask": torch.cat([kept[i] for i in order]) if kept is not None else None,
+    }
+
+
+__all__ = [
+    "Videollama3VisionEncoderModel",
+    "Videollama3Qwen2Model",
+    "Videollama3Qwen2ForCausalLM",
+    "Videollama3PreTrainedModel",
+]
