@@ -64,3 +64,13 @@ def test_loads_with_auto_classes_and_answers(run):
     assert inputs["compression_mask"].sum() < inputs["compression_mask"].numel()  # DiffFP on by default
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_embedded_default_carries_the_current_remote_code():
+    """`trust_remote_code` runs the copies inside `tiny_model/`; they must not drift from the root.
+    After changing a remote-code file, copy it into tiny_model/ (or re-run the recipe)."""
+    from tools.local import REPO_ROOT
+
+    for name in ("configuration_videollama3.py", "modeling_videollama3.py", "processing_videollama3.py",
+                 "image_processing_videollama3.py"):
+        assert (REPO_ROOT / "tiny_model" / name).read_text() == (REPO_ROOT / name).read_text(), name
