@@ -396,9 +396,10 @@ class Videollama3Qwen2Model(Qwen2Model):
     ):
         """Returns the LLM's `last_hidden_state`, aligned with `input_ids` (nothing is dropped here)."""
         past_length = cache.get_seq_length() if cache is not None else 0
-        if use_cache is None and self.training:
-            # A cache is never read in training, and its mere presence makes transformers ignore the
-            # sample boundaries in packed `position_ids`: packed samples would attend to each other.
+        if use_cache is None and (self.training or (attention_mask is None and position_ids is not None)):
+            # A cache is never read in training; and position_ids without an attention mask mean a
+            # padding-free (packed) row, whose sample boundaries transformers ignores once a cache
+            # exists: packed samples would attend to each other.
             use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_multimodal(

@@ -347,8 +347,9 @@ def test_flash_attention_2_matches_sdpa(tok):
 
 
 def test_packed_row_in_training_matches_samples_alone(model, tok):
-    """Packed samples (position_ids restarting, no attention_mask) must not see each other, also
-    when the caller passes no `use_cache` (a cache would make transformers ignore the boundaries)."""
+    """Packed samples (position_ids restarting, no attention_mask) must not see each other, in
+    training and evaluation, when the caller passes no `use_cache` (a cache would make
+    transformers ignore the boundaries)."""
     torch.manual_seed(17)
     img = model.config.image_token_index
     samples = [([image(4, 4)], "first"), ([video(3, 4, 4, keep_fraction=0.5)], "second sample")]
@@ -359,11 +360,12 @@ def test_packed_row_in_training_matches_samples_alone(model, tok):
     }
     for name in ("pixel_values", "grid_sizes", "merge_sizes", "compression_mask"):
         packed[name] = torch.cat([a[name] for a in alone])
-    model.train()
-    try:
-        with torch.no_grad():
-            packed_logits = model(**packed).logits
-            expected = torch.cat([model(**a).logits for a in alone], dim=1)
-    finally:
-        model.eval()
-    assert (packed_logits - expected).abs().max() < TOL
+    for training in (True, False):
+        model.train(training)
+        try:
+            with torch.no_grad():
+                packed_logits = model(**packed).logits
+                expected = torch.cat([model(**a).logits for a in alone], dim=1)
+        finally:
+            model.eval()
+        assert (packed_logits - expected).abs().max() < TOL, f"training={training}"

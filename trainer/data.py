@@ -442,9 +442,6 @@ def pack_samples(samples: list[EncodedSample]) -> dict:
         "input_ids": torch.cat([s.input_ids for s in samples])[None],  # (1, S)
         "labels": torch.cat(labels)[None],  # (1, S)
         "position_ids": torch.cat([torch.arange(s.input_ids.numel()) for s in samples])[None],  # (1, S)
-        # With a KV cache transformers stops reading boundaries from position_ids, and evaluation
-        # (unlike training) would otherwise build one: samples would attend to each other.
-        "use_cache": False,
         **_cat_visual(samples),
     }
 
