@@ -163,25 +163,11 @@ STAGES = {
         image_merge_size=1,
         use_token_compression=False,
     ),
-    3: dict(  # multi-task fine-tuning
-        trainable_modules=["vision_encoder", "mm_projector", "llm"],
-        vision_encoder_learning_rate=2e-6,
-        projector_learning_rate=1e-5,
-        llm_learning_rate=1e-5,
-        learning_rate=1e-5,
-        image_merge_size=1,
-        use_token_compression=True,
-    ),
-    4: dict(  # video-centric fine-tuning
-        trainable_modules=["vision_encoder", "mm_projector", "llm"],
-        vision_encoder_learning_rate=2e-6,
-        projector_learning_rate=1e-5,
-        llm_learning_rate=1e-5,
-        learning_rate=1e-5,
-        image_merge_size=2,
-        use_token_compression=True,
-    ),
 }
+# Stages 3 and 4 train like stage 2; stage 3 turns the Differential Frame Pruner on, stage 4 also
+# merges image tokens 2x2.
+STAGES[3] = {**STAGES[2], "use_token_compression": True}  # multi-task fine-tuning
+STAGES[4] = {**STAGES[3], "image_merge_size": 2}  # video-centric fine-tuning
 
 STAGE_NAMES = {
     1: "vision encoder adaptation",
