@@ -141,3 +141,22 @@ def table_lines(rows: list[Row]) -> list[str]:
 def print_rows(rows: list[Row]) -> None:
     for line in table_lines(rows):
         print(line, flush=True)
+
+
+def spec_config(tokenizer, spec):
+    """A `tiny_config` scaled to a benchmark spec's LLM and vision sizes."""
+    from tests.tiny import tiny_config
+
+    return tiny_config(
+        tokenizer,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.mlp,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        vocab_size=spec.vocab,
+        vision_encoder_config=dict(
+            hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
+            num_hidden_layers=spec.vision_layers, num_attention_heads=4, patch_size=14,
+        ),
+    )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import Row, Stat, alternate
+from bench.common import Row, Stat, alternate, spec_config
 
 
 @dataclass(frozen=True)
@@ -35,24 +35,12 @@ TOY = GenSpec(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, vocab=512, visi
 def build(spec: GenSpec):
     """Our model, its native twin, and one prompt in both input conventions."""
     from tests.oracle import image, native_inputs, native_twin, our_inputs, video
-    from tests.tiny import tiny_config, tiny_tokenizer
+    from tests.tiny import tiny_tokenizer
     from tools.local import remote_module
 
     M = remote_module("modeling_videollama3")
     tok = tiny_tokenizer()
-    config = tiny_config(
-        tok,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.mlp,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        vocab_size=spec.vocab,
-        vision_encoder_config=dict(
-            hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
-            num_hidden_layers=spec.vision_layers, num_attention_heads=4, patch_size=14,
-        ),
-    )
+    config = spec_config(tok, spec)
     torch.manual_seed(0)
     ours = M.Videollama3Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
     video_token = tok.convert_tokens_to_ids("<|stream_start|>")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.common import Row, Stat, alternate
+from bench.common import Row, Stat, alternate, spec_config
 
 IGNORE_INDEX = -100
 
@@ -87,25 +87,13 @@ def visual_batch(samples) -> dict:
 def build(spec: TrainSpec):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tests.tiny import tiny_config, tiny_tokenizer
+    from tests.tiny import tiny_tokenizer
     from tools.local import remote_module
     from trainer.data import pack_samples
 
     M = remote_module("modeling_videollama3")
     tok = tiny_tokenizer()
-    config = tiny_config(
-        tok,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.mlp,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        vocab_size=spec.vocab,
-        vision_encoder_config=dict(
-            hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
-            num_hidden_layers=spec.vision_layers, num_attention_heads=4, patch_size=14,
-        ),
-    )
+    config = spec_config(tok, spec)
     torch.manual_seed(0)
     model = M.Videollama3Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").train()
     text_ids = np.arange(256)  # byte tokens of the tiny tokenizer; specials (incl. <image>) excluded
