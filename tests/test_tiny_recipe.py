@@ -1,4 +1,4 @@
-"""The tiny recipe chains text pretraining and stages 1-4 through trainer/ into a Hub-layout folder."""
+"""The tiny recipe chains text and vision pretraining and stages 1-4 through trainer/ into a Hub-layout folder."""
 
 import json
 
@@ -35,15 +35,18 @@ def test_hub_layout(run):
 
 def test_stages_chain_with_their_own_freezing(run):
     _, work = run
-    llm, s1, s2, s4 = (weights(work / name) for name in ("llm", "stage1", "stage2", "stage4"))
+    llm, vis, s1, s2, s4 = (weights(work / name) for name in ("llm", "vision", "stage1", "stage2", "stage4"))
     base = weights(work / "base")
     vision = [k for k in base if ".vision_encoder." in k]
     text = [k for k in base if "layers." in k and ".vision_encoder." not in k]
-    # Text pretraining trains the LLM only; stage 1 keeps it frozen and trains the vision side.
+    # Text pretraining trains the LLM only, vision pretraining the encoder only (the stand-ins for
+    # Qwen2.5 and SigLIP); stage 1 keeps the LLM frozen and trains the vision side.
     assert all(torch.equal(base[k], llm[k]) for k in vision)
     assert any(not torch.equal(base[k], llm[k]) for k in text)
-    assert all(torch.equal(llm[k], s1[k]) for k in text)
-    assert any(not torch.equal(llm[k], s1[k]) for k in vision)
+    assert all(torch.equal(llm[k], vis[k]) for k in text)
+    assert any(not torch.equal(llm[k], vis[k]) for k in vision)
+    assert all(torch.equal(vis[k], s1[k]) for k in text)
+    assert any(not torch.equal(vis[k], s1[k]) for k in vision)
     # Stage 2 onwards trains everything; stage 4 is the packaged model.
     assert any(not torch.equal(s1[k], s2[k]) for k in text)
     final = weights(run[0])

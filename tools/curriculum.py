@@ -129,9 +129,12 @@ def make_image(rng: np.random.Generator):
     canvas = background(rng, IMAGE_SIZE, style)
     half = IMAGE_SIZE / 2
     for shape, quadrant in zip(shapes, quadrants):
-        radius = float(rng.uniform(10, 14))
-        cx = (quadrant % 2) * half + half / 2 + float(rng.uniform(-4, 4))
-        cy = (quadrant // 2) * half + half / 2 + float(rng.uniform(-4, 4))
+        # Shapes nearly fill their quadrant (about 3x3 patches of 14 px): at 2x2 patches a circle,
+        # a square and a triangle differ by a few pixels, which a tiny encoder does not resolve.
+        radius = float(rng.uniform(16, 19))
+        jitter = half / 2 - radius - 1
+        cx = (quadrant % 2) * half + half / 2 + float(rng.uniform(-jitter, jitter))
+        cy = (quadrant // 2) * half + half / 2 + float(rng.uniform(-jitter, jitter))
         canvas = draw_shape(canvas, shape, cx, cy, radius)
     return canvas, shapes, quadrants, style
 
@@ -169,7 +172,7 @@ def make_video(rng: np.random.Generator):
     count = 2 if rng.random() < 0.5 else 1
     shapes = distinct_shapes(rng, count)
     actor = shapes[0]
-    radius = float(rng.uniform(11, 14))
+    radius = float(rng.uniform(15, 18))
     if count == 2:
         # A static distractor in a corner the actor's path avoids is drawn into the background.
         canvas = draw_shape(canvas, shapes[1], float(rng.choice([18, VIDEO_SIZE - 18])), 18.0, 11.0)
@@ -272,10 +275,12 @@ def conversation(tag: str | None, turns: list[tuple[str, str]]) -> list[dict]:
 
 def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, texts: int = 300, turns: int = 3,
              prefix: str = "") -> dict[str, Path]:
-    """Write media and four JSONL files under `out_dir`; returns their paths by name.
+    """Write media and the JSONL files below under `out_dir`; returns their paths by name.
 
     * `image.jsonl`: one line per image with up to `turns` question turns (caption included
       with probability 1/2); `caption.jsonl`: the same images with only their caption;
+    * `vision.jsonl`: one line per image with its `objects` (colour, shape, quadrant), for the
+      vision pretraining that stands in for SigLIP (`tools.vision_pretrain`);
     * `video.jsonl`: one line per video with all its questions as turns, in random order;
     * `text.jsonl`: single-turn text-only samples;
     * `eval.jsonl`: one line per (medium, question), single-turn, with `kind` and `modality` fields,
@@ -285,7 +290,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rows = {"image": [], "caption": [], "video": [], "text": [], "eval": []}
+    rows = {"image": [], "caption": [], "vision": [], "video": [], "text": [], "eval": []}
 
     for i in range(images):
         pixels, shapes, quadrants, style = make_image(rng)
@@ -296,6 +301,8 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
         chosen = [qa[j] for j in order[:turns]]
         rows["image"].append({"image": [rel], "conversations": conversation("<image>", [(q, a) for _, q, a in chosen])})
         caption = qa[-1]
+        objects = [{"colour": s.colour, "shape": s.kind, "quadrant": QUADRANTS[q]} for s, q in zip(shapes, quadrants)]
+        rows["vision"].append({"image": rel, "objects": objects})
         rows["caption"].append({"image": [rel], "conversations": conversation("<image>", [caption[1:]])})
         for kind, q, a in qa:
             rows["eval"].append({"image": [rel], "modality": "image", "kind": kind,
@@ -349,12 +356,12 @@ def write_examples(out_dir) -> dict[str, Path]:
     canvas = background(rng, IMAGE_SIZE, "striped")
     for shape, quadrant in ((Shape("red", "circle"), 0), (Shape("blue", "square"), 1), (Shape("yellow", "triangle"), 3)):
         cx, cy = (quadrant % 2) * half + half / 2, (quadrant // 2) * half + half / 2
-        canvas = draw_shape(canvas, shape, cx, cy, 12.0)
+        canvas = draw_shape(canvas, shape, cx, cy, 17.0)
     image_path = out / "shapes.png"
     Image.fromarray(canvas).save(image_path, optimize=False)
 
     scene = draw_shape(background(rng, VIDEO_SIZE, "checkered"), Shape("purple", "circle"), 18.0, 18.0, 11.0)
-    shown = draw_shape(scene, Shape("green", "square"), 70.0, 72.0, 13.0)
+    shown = draw_shape(scene, Shape("green", "square"), 70.0, 72.0, 16.0)
     frames = np.stack([shown if 2 <= i / VIDEO_FPS < 5 else scene for i in range(8 * VIDEO_FPS)])
     video_path = out / "shapes.mp4"
     write_video(video_path, frames)

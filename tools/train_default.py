@@ -10,17 +10,20 @@ Steps, mirroring how the real model was made at a scale a laptop can run:
    chat specials, `<image>` and the stream tokens), and wrapped in the VideoLLaMA3 processor.
 3. A randomly initialised tiny model; its LLM is pretrained on text-only chat (standing in for
    starting from Qwen2.5-Instruct), through `trainer/` with only the LLM trainable.
-4. Stages 1-4 through `python -m trainer --stage N` (its CLI, called in-process), each starting
+4. The vision encoder is pretrained alone on dense patch labels (`tools.vision_pretrain`: colour,
+   shape and position of every patch), standing in for starting from SigLIP.
+5. Stages 1-4 through `python -m trainer --stage N` (its CLI, called in-process), each starting
    from the previous stage's checkpoint. The stage presets keep their own trainable modules,
    merge sizes and DiffFP settings; only sizes of the run (steps, batch, learning rates, bf16 off)
    are overridden, because learning rates meant for pretrained 2B weights do not move a model
    that starts from random weights within minutes.
-5. The stage-4 checkpoint is copied to `--out` in the Hub layout (config with `auto_map`,
+6. The stage-4 checkpoint is copied to `--out` in the Hub layout (config with `auto_map`,
    `model.safetensors`, processor, tokenizer, chat template, the four remote-code files).
 
-The differences to the official recipe, all forced by scale: a random vision encoder instead of
-SigLIP (so stage 1 trains it at the projector's rate), a few hundred steps instead of epochs over
-millions of samples, fp32 on CPU.
+The differences to the official recipe, all forced by scale: stand-ins for the pretrained SigLIP
+and Qwen2.5 weights, a few hundred steps instead of epochs over millions of samples, learning
+rates that move random weights within minutes (keeping the official ordering: the vision encoder
+at a fraction of the projector and LLM rates), fp32 on CPU.
 """
 
 import argparse
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 from tokenizers import pre_tokenizers
 
-from tools import curriculum
+from tools import curriculum, vision_pretrain
 from tools.local import REPO_ROOT, remote_module
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|stream_start|>", "<|stream_end|>"]
@@ -54,14 +57,17 @@ MODEL = dict(
 FULL = {
     "curriculum": dict(images=2000, videos=1000, texts=600),
     "pretrain": dict(data={"text": 1, "lm": 1}, steps=200, batch=16, lr=3e-3),
-    1: dict(data={"caption": 1}, steps=150, batch=16, lr=dict(vision=1e-3, projector=1e-3)),
-    2: dict(data={"caption": 1, "image": 1}, steps=300, batch=16, lr=dict(vision=1e-3, projector=1e-3, llm=1e-3)),
-    3: dict(data={"image": 1, "video": 1, "text": 1}, steps=500, batch=16, lr=dict(vision=1e-3, projector=1e-3, llm=1e-3)),
-    4: dict(data={"video": 2, "image": 1, "text": 1}, steps=300, batch=16, lr=dict(vision=5e-4, projector=5e-4, llm=5e-4)),
+    "vision": dict(steps=600, batch=16, lr=1e-3),
+    # The official ratios: after (stand-in) SigLIP the encoder moves at a fraction of the rest.
+    1: dict(data={"caption": 1}, steps=150, batch=16, lr=dict(vision=1e-4, projector=1e-3)),
+    2: dict(data={"caption": 1, "image": 1}, steps=300, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
+    3: dict(data={"image": 1, "video": 1, "text": 1}, steps=500, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
+    4: dict(data={"video": 2, "image": 1, "text": 1}, steps=300, batch=16, lr=dict(vision=1e-4, projector=5e-4, llm=5e-4)),
 }
 QUICK = {
     "curriculum": dict(images=8, videos=4, texts=8),
     "pretrain": dict(data={"text": 1, "lm": 1}, steps=2, batch=4, lr=3e-3),
+    "vision": dict(steps=2, batch=4, lr=1e-3),
     **{stage: {**FULL[stage], "steps": 2, "batch": 4} for stage in (1, 2, 3, 4)},
 }
 
@@ -191,6 +197,21 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
     return losses
 
 
+def run_vision_pretraining(model_dir: Path, data_root: Path, out_dir: Path, plan: dict, threads: int) -> list[float]:
+    """The SigLIP stand-in (`tools.vision_pretrain`): the encoder alone on dense patch labels."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    losses = vision_pretrain.pretrain_vision(model, processor, data_root / "vision.jsonl", data_root,
+                                             steps=plan["steps"], batch=plan["batch"], lr=plan["lr"], seed=SEED)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    copy_remote_code(out_dir)
+    return losses
+
+
 def package(stage_dir: Path, out: Path) -> None:
     """Copy the final checkpoint to `out`, dropping trainer-only files."""
     if out.exists():
@@ -236,11 +257,14 @@ def main(argv=None):
     timings["data+tokenizer"] = time.time() - start
 
     previous, losses = base, {}
-    for stage in ("pretrain", 1, 2, 3, 4):
+    for stage in ("pretrain", "vision", 1, 2, 3, 4):
         t0 = time.time()
-        mix = write_mix(data_dir, f"{stage}.jsonl", plan[stage]["data"], seed=SEED)
-        stage_dir = work / f"stage{stage}" if stage != "pretrain" else work / "llm"
-        losses[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads)
+        stage_dir = work / (f"stage{stage}" if isinstance(stage, int) else {"pretrain": "llm", "vision": "vision"}[stage])
+        if stage == "vision":
+            losses[stage] = run_vision_pretraining(previous, data_dir, stage_dir, plan[stage], args.threads)
+        else:
+            mix = write_mix(data_dir, f"{stage}.jsonl", plan[stage]["data"], seed=SEED)
+            losses[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads)
         previous = stage_dir
         timings[f"stage {stage}"] = time.time() - t0
         logger.info("stage %s done in %.0f s; loss %s", stage, timings[f"stage {stage}"],

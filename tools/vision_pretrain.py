@@ -1,0 +1,136 @@
+"""Vision pretraining for the tiny recipe: the stand-in for starting from SigLIP.
+
+The real VideoLLaMA3 starts its vision encoder from SigLIP, which already sees colours, shapes and
+where things are. A randomly initialised tiny encoder sees none of that, and stage 1 (captions
+through a frozen LLM) is too weak a signal to teach it from scratch in minutes: the projected
+tokens stay noise the LLM learns to ignore. So, as text-only pretraining stands in for Qwen2.5,
+this step stands in for SigLIP: the encoder alone, with a throw-away linear head, learns per patch
+what covers it (shape colour or background), the kind of that shape, and where the patch is
+(normalised row and column; the encoder has only relative 2D RoPE, so absolute position has to be
+learnt). The head is discarded; only the encoder's weights carry over to stage 1.
+
+Labels come from the curriculum's pixels: shapes are filled with exact palette colours that no
+background comes close to, and each image holds at most one shape of each colour, so the palette
+colour covering a patch names the shape too (`objects` of `vision.jsonl`).
+"""
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tools.curriculum import COLOURS, SHAPES
+
+logger = logging.getLogger("vision_pretrain")
+
+COVER_PIXELS = 0.15  # share of a patch a shape must cover for the patch to be labelled with it
+
+
+@dataclass
+class PatchLabels:
+    colour: torch.Tensor  # (N,) 0 = background, 1.. = COLOURS order
+    shape: torch.Tensor  # (N,) 0 = background, 1.. = SHAPES order
+    position: torch.Tensor  # (N, 2) row and column in [0, 1]
+
+
+def patch_labels(pixels: np.ndarray, kinds: dict[str, str], patch: int) -> PatchLabels:
+    """Per-patch labels of one `(H, W, 3)` uint8 image in raster order; `kinds`: colour -> shape kind."""
+    rows, cols = pixels.shape[0] // patch, pixels.shape[1] // patch
+    blocks = pixels[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch, 3).swapaxes(1, 2)
+    blocks = blocks.reshape(rows * cols, patch * patch, 3)  # (N, P*P, 3)
+    palette = np.array([COLOURS[c] for c in COLOURS])  # (C, 3)
+    cover = (blocks[:, :, None, :] == palette[None, None]).all(-1).mean(1)  # (N, C)
+    best = cover.argmax(1)
+    present = cover[np.arange(len(best)), best] >= COVER_PIXELS
+    names = list(COLOURS)
+    colour = np.where(present, best + 1, 0)
+    shape = np.array([SHAPES.index(kinds[names[b]]) + 1 if p else 0 for b, p in zip(best, present)])
+    grid_r, grid_c = np.meshgrid(np.arange(rows) / max(1, rows - 1), np.arange(cols) / max(1, cols - 1), indexing="ij")
+    position = np.stack([grid_r.ravel(), grid_c.ravel()], 1)  # (N, 2)
+    return PatchLabels(torch.from_numpy(colour), torch.from_numpy(shape), torch.from_numpy(position).float())
+
+
+class PatchHead(torch.nn.Module):
+    """Linear read-outs of the encoder's patch features; discarded after pretraining."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(width, len(COLOURS) + 1)
+        self.shape = torch.nn.Linear(width, len(SHAPES) + 1)
+        self.position = torch.nn.Linear(width, 2)
+
+    def loss(self, features: torch.Tensor, labels: PatchLabels, image_of_patch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        colour, shape = self.colour(features), self.shape(features)
+        # Each shape's patches averaged: one patch sees a corner or an edge, the set sees the shape,
+        # and an average over a shape's tokens is what an LLM attention head reads out.
+        objects = image_of_patch * (len(COLOURS) + 1) + labels.colour  # (N,) one id per (image, colour)
+        ids, member = objects.unique(return_inverse=True)
+        pooled = torch.zeros(len(ids), features.shape[1]).index_add_(0, member, features)  # (O, D)
+        pooled = pooled / torch.bincount(member, minlength=len(ids))[:, None]
+        object_shape = torch.zeros(len(ids), dtype=torch.long).index_put_((member,), labels.shape)  # (O,)
+        is_shape = object_shape > 0
+        pooled_shape = self.shape(pooled[is_shape])
+        loss = (
+            F.cross_entropy(colour, labels.colour)
+            + F.cross_entropy(shape, labels.shape)
+            + F.cross_entropy(pooled_shape, object_shape[is_shape])
+            + 10 * F.mse_loss(self.position(features), labels.position)
+        )
+        metrics = {
+            "colour": (colour.argmax(1) == labels.colour).float().mean().item(),
+            "shape_of_patch": (shape.argmax(1) == labels.shape)[labels.shape > 0].float().mean().item(),
+            "shape_of_object": (pooled_shape.argmax(1) == object_shape[is_shape]).float().mean().item(),
+        }
+        return loss, metrics
+
+
+def load_rows(path: Path, data_root: Path, patch: int) -> list[tuple[Image.Image, PatchLabels]]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        image = Image.open(data_root / row["image"]).convert("RGB")
+        kinds = {o["colour"]: o["shape"] for o in row["objects"]}
+        rows.append((image, patch_labels(np.asarray(image), kinds, patch)))
+    return rows
+
+
+def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, steps: int, batch: int, lr: float,
+                    seed: int = 0) -> list[float]:
+    """Train `model.model.vision_encoder` in place on dense patch labels; returns the loss curve."""
+    encoder = model.model.vision_encoder
+    patch = encoder.config.patch_size
+    rows = load_rows(vision_rows, data_root, patch)
+    torch.manual_seed(seed)
+    head = PatchHead(encoder.config.hidden_size)
+    parameters = list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + np.cos(np.pi * min(1.0, s / max(1, steps))))))
+    rng = random.Random(seed)
+    encoder.train()
+    losses = []
+    for step in range(steps):
+        chosen = rng.sample(rows, min(batch, len(rows)))
+        # merge_size 1: the encoder's output is then one feature per patch in raster order.
+        inputs = processor.image_processor([image for image, _ in chosen], merge_size=1, return_tensors="pt")
+        features = encoder(inputs["pixel_values"], inputs["grid_sizes"], inputs["merge_sizes"])  # (N, D)
+        labels = PatchLabels(*(torch.cat([getattr(lab, f) for _, lab in chosen]) for f in ("colour", "shape", "position")))
+        image_of_patch = torch.cat([torch.full((len(lab.colour),), i) for i, (_, lab) in enumerate(chosen)])  # (N,)
+        loss, metrics = head.loss(features, labels, image_of_patch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("vision pretraining step %d: loss %.3f, %s", step, loss.item(),
+                        {k: round(v, 3) for k, v in metrics.items()})
+    return losses
