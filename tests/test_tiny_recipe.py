@@ -10,7 +10,7 @@ from tools import train_default
 
 HUB_FILES = {
     "config.json", "model.safetensors", "generation_config.json", "chat_template.jinja", "tokenizer.json",
-    "tokenizer_config.json", "processor_config.json", *train_default.REMOTE_CODE_FILES,
+    "tokenizer_config.json", "processor_config.json", "README.md", *train_default.REMOTE_CODE_FILES,
 }
 
 
@@ -77,3 +77,4 @@ def test_embedded_default_carries_the_current_remote_code():
     for name in ("configuration_videollama3.py", "modeling_videollama3.py", "processing_videollama3.py",
                  "image_processing_videollama3.py"):
         assert (REPO_ROOT / "tiny_model" / name).read_text() == (REPO_ROOT / name).read_text(), name
+    assert (REPO_ROOT / "tiny_model" / "README.md").read_text() == (REPO_ROOT / "model_card.md").read_text()
