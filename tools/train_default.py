@@ -1,6 +1,6 @@
 """The tiny recipe: train the embedded default VideoLLaMA3 from nothing, on 2 CPU cores, in one command.
 
-    python -m tools.train_default                    # full recipe -> ./tiny_model (about 19 minutes)
+    python -m tools.train_default                    # full recipe -> ./tiny_model (about 18 minutes)
     python -m tools.train_default --quick --out /tmp/t  # a few steps per stage (tests, CI)
 
 Steps, mirroring how the real model was made at a scale a laptop can run:
@@ -57,10 +57,10 @@ MODEL = dict(
 FULL = {
     "curriculum": dict(images=2000, videos=1000, texts=600),
     "pretrain": dict(data={"text": 1, "lm": 1}, steps=200, batch=16, lr=3e-3),
-    "vision": dict(steps=600, batch=16, lr=1e-3),
+    "vision": dict(steps=800, batch=16, lr=1e-3),
     # The official ratios: after (stand-in) SigLIP the encoder moves at a fraction of the rest.
     1: dict(data={"caption": 1}, steps=150, batch=16, lr=dict(vision=1e-4, projector=1e-3)),
-    2: dict(data={"caption": 1, "image": 1}, steps=900, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
+    2: dict(data={"caption": 1, "image": 1, "single": 1}, steps=900, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
     3: dict(data={"image": 1, "video": 1, "text": 1}, steps=700, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
     4: dict(data={"video": 2, "image": 1, "text": 1}, steps=300, batch=16, lr=dict(vision=1e-4, projector=5e-4, llm=5e-4)),
 }
