@@ -143,11 +143,15 @@ def print_rows(rows: list[Row]) -> None:
         print(line, flush=True)
 
 
-def spec_config(tokenizer, spec):
-    """A `tiny_config` scaled to a benchmark spec's LLM and vision sizes."""
-    from tests.tiny import tiny_config
+def spec_model(spec):
+    """Tokenizer, config and our sdpa model (seed 0) at a benchmark spec's LLM and vision sizes."""
+    import torch
 
-    return tiny_config(
+    from tests.tiny import tiny_config, tiny_tokenizer
+    from tools.local import remote_module
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(
         tokenizer,
         hidden_size=spec.hidden,
         intermediate_size=spec.mlp,
@@ -160,3 +164,6 @@ def spec_config(tokenizer, spec):
             num_hidden_layers=spec.vision_layers, num_attention_heads=4, patch_size=14,
         ),
     )
+    torch.manual_seed(0)
+    model = remote_module("modeling_videollama3").Videollama3Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa")
+    return tokenizer, config, model

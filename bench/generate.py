@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import Row, Stat, alternate, spec_config
+from bench.common import Row, Stat, alternate, spec_model
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,9 @@ TOY = GenSpec(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, vocab=512, visi
 def build(spec: GenSpec):
     """Our model, its native twin, and one prompt in both input conventions."""
     from tests.oracle import image, native_inputs, native_twin, our_inputs, video
-    from tests.tiny import tiny_tokenizer
-    from tools.local import remote_module
 
-    M = remote_module("modeling_videollama3")
-    tok = tiny_tokenizer()
-    config = spec_config(tok, spec)
-    torch.manual_seed(0)
-    ours = M.Videollama3Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    tok, config, ours = spec_model(spec)
+    ours.eval()
     video_token = tok.convert_tokens_to_ids("<|stream_start|>")
     native = native_twin(ours, video_token)
     items = [image(8, 8), video(spec.frames, 8, 8, keep_fraction=0.6)]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.common import Row, Stat, alternate, spec_config
+from bench.common import Row, Stat, alternate, spec_model
 
 IGNORE_INDEX = -100
 
@@ -75,33 +75,19 @@ def make_samples(spec: TrainSpec, image_token: int, text_ids: np.ndarray):
     return samples
 
 
-def visual_batch(samples) -> dict:
-    return {
-        "pixel_values": torch.cat([s.pixel_values for s in samples]),
-        "grid_sizes": torch.cat([s.grid_sizes for s in samples]),
-        "merge_sizes": torch.cat([s.merge_sizes for s in samples]),
-        "compression_mask": torch.cat([s.compression_mask for s in samples]),
-    }
-
-
 def build(spec: TrainSpec):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tests.tiny import tiny_tokenizer
-    from tools.local import remote_module
-    from trainer.data import pack_samples
+    from trainer.data import cat_visual, pack_samples
 
-    M = remote_module("modeling_videollama3")
-    tok = tiny_tokenizer()
-    config = spec_config(tok, spec)
-    torch.manual_seed(0)
-    model = M.Videollama3Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").train()
+    tok, config, model = spec_model(spec)
+    model.train()
     text_ids = np.arange(256)  # byte tokens of the tiny tokenizer; specials (incl. <image>) excluded
     samples = make_samples(spec, config.image_token_index, text_ids)
     groups = [samples[i : i + spec.batch] for i in range(0, len(samples), spec.batch)]
     trl_collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
     padded = [
-        {**trl_collator([{"input_ids": s.input_ids.tolist(), "labels": s.labels.tolist()} for s in g]), **visual_batch(g)}
+        {**trl_collator([{"input_ids": s.input_ids.tolist(), "labels": s.labels.tolist()} for s in g]), **cat_visual(g)}
         for g in groups
     ]
     packed = [pack_samples(g) for g in groups]

@@ -90,13 +90,16 @@ class PatchHead(torch.nn.Module):
         return loss, metrics
 
 
-def load_rows(path: Path, data_root: Path, patch: int) -> list[tuple[Image.Image, PatchLabels]]:
+def load_rows(path: Path, data_root: Path, processor, patch: int) -> list[tuple[dict, PatchLabels]]:
+    """Each image's processor inputs (computed once) and patch labels."""
     rows = []
     for line in Path(path).read_text().splitlines():
         row = json.loads(line)
         image = Image.open(data_root / row["image"]).convert("RGB")
         kinds = {o["colour"]: o["shape"] for o in row["objects"]}
-        rows.append((image, patch_labels(np.asarray(image), kinds, patch)))
+        # merge_size 1: the encoder's output is then one feature per patch in raster order.
+        inputs = processor.image_processor([image], merge_size=1, return_tensors="pt")
+        rows.append((inputs, patch_labels(np.asarray(image), kinds, patch)))
     return rows
 
 
@@ -105,7 +108,7 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
     """Train `model.model.vision_encoder` in place on dense patch labels; returns the loss curve."""
     encoder = model.model.vision_encoder
     patch = encoder.config.patch_size
-    rows = load_rows(vision_rows, data_root, patch)
+    rows = load_rows(vision_rows, data_root, processor, patch)
     torch.manual_seed(seed)
     head = PatchHead(encoder.config.hidden_size)
     parameters = list(encoder.parameters()) + list(head.parameters())
@@ -118,8 +121,7 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
     losses = []
     for step in range(steps):
         chosen = rng.sample(rows, min(batch, len(rows)))
-        # merge_size 1: the encoder's output is then one feature per patch in raster order.
-        inputs = processor.image_processor([image for image, _ in chosen], merge_size=1, return_tensors="pt")
+        inputs = {key: torch.cat([x[key] for x, _ in chosen]) for key in ("pixel_values", "grid_sizes", "merge_sizes")}
         features = encoder(inputs["pixel_values"], inputs["grid_sizes"], inputs["merge_sizes"])  # (N, D)
         labels = PatchLabels(*(torch.cat([getattr(lab, f) for _, lab in chosen]) for f in ("colour", "shape", "position")))
         image_of_patch = torch.cat([torch.full((len(lab.colour),), i) for i, (_, lab) in enumerate(chosen)])  # (N,)

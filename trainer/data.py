@@ -402,7 +402,8 @@ def _is_media_error(error: Exception, named: list[str]) -> bool:
 # Batching
 
 
-def _cat_visual(samples: list[EncodedSample]) -> dict:
+def cat_visual(samples: list[EncodedSample]) -> dict:
+    """The visual inputs of `samples`, concatenated in sample order (empty for text-only batches)."""
     visual = [s for s in samples if s.pixel_values is not None]
     if not visual:
         return {}  # the model runs its zero-weighted dummy vision pass in training
@@ -425,7 +426,7 @@ def pad_samples(samples: list[EncodedSample], pad_token_id: int) -> dict:
     for row, s in enumerate(samples):
         n = s.input_ids.numel()
         input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s.input_ids, s.labels, 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **_cat_visual(samples)}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **cat_visual(samples)}
 
 
 def pack_samples(samples: list[EncodedSample]) -> dict:
@@ -442,7 +443,7 @@ def pack_samples(samples: list[EncodedSample]) -> dict:
         "input_ids": torch.cat([s.input_ids for s in samples])[None],  # (1, S)
         "labels": torch.cat(labels)[None],  # (1, S)
         "position_ids": torch.cat([torch.arange(s.input_ids.numel()) for s in samples])[None],  # (1, S)
-        **_cat_visual(samples),
+        **cat_visual(samples),
     }
 
 
