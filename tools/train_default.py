@@ -95,16 +95,18 @@ def build_processor(tokenizer):
     return processing.Videollama3Qwen2Processor(image_processor=image_processing.Videollama3ImageProcessor(), tokenizer=tokenizer)
 
 
-def build_model(tokenizer, seed: int = SEED):
+def build_model(tokenizer, seed: int = SEED, shape: dict | None = None):
+    """A randomly initialised tiny model of `shape` (default `MODEL`) for `tokenizer`."""
+    shape = MODEL if shape is None else shape
     configuration = remote_module("configuration_videollama3")
     modeling = remote_module("modeling_videollama3")
     config = configuration.Videollama3Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=MODEL["hidden_size"],
-        intermediate_size=MODEL["intermediate_size"],
-        num_hidden_layers=MODEL["num_hidden_layers"],
-        num_attention_heads=MODEL["num_attention_heads"],
-        num_key_value_heads=MODEL["num_key_value_heads"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"],
         max_position_embeddings=2048,
         rope_theta=10000.0,
         tie_word_embeddings=True,
@@ -113,10 +115,10 @@ def build_model(tokenizer, seed: int = SEED):
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
         vision_encoder_config=dict(
-            hidden_size=MODEL["vision_hidden_size"],
-            intermediate_size=MODEL["vision_intermediate_size"],
-            num_hidden_layers=MODEL["vision_layers"],
-            num_attention_heads=MODEL["vision_heads"],
+            hidden_size=shape["vision_hidden_size"],
+            intermediate_size=shape["vision_intermediate_size"],
+            num_hidden_layers=shape["vision_layers"],
+            num_attention_heads=shape["vision_heads"],
             patch_size=14,
         ),
     )

@@ -1,0 +1,59 @@
+"""The binding study's symbolic scenes: grid tokens, labels and the embedding sums the LLM sees."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tools import binding_study, curriculum
+from tools.local import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(REPO_ROOT / "tiny_model", trust_remote_code=True)
+
+
+def test_scene_grid_holds_each_shape_in_its_quadrant(tokenizer):
+    study = binding_study.Study(objects=2, kinds=("colour",), turns=2)
+    writer = binding_study.SceneWriter(tokenizer, study)
+    scene = writer(np.random.default_rng(3), study.turns)
+    text = tokenizer.decode([t for t, label in zip(scene.ids, scene.labels) if label != -100])
+    answers = [a.strip() for a in text.split("<|im_end|>") if a.strip()]
+    assert scene.shapes == 2 and scene.kind == "colour" and len(answers) == 2
+    grid = [tokenizer.decode([i for i in cell if i != writer.pad]).split() for cell in scene.cells]
+    shapes = {tuple(cell) for cell in grid if len(cell) > 1}
+    assert len(shapes) == 2
+    for colour, kind, vertical, horizontal in shapes:
+        quadrant = curriculum.QUADRANTS.index(f"{vertical} {horizontal}")
+        top, left = 3 * (quadrant // 2), 3 * (quadrant % 2)
+        block = [grid[r * 6 + c] for r in range(top, top + 3) for c in range(left, left + 3)]
+        assert all(cell == [colour, kind, vertical, horizontal] for cell in block)
+    assert sorted(answers) == sorted(colour for colour, *_ in shapes)  # both colour questions, one per shape
+    background = [cell for cell in grid if len(cell) == 1]
+    assert len(background) == 36 - 18 and len({cell[0] for cell in background}) == 1
+    assert background[0][0] in curriculum.BACKGROUNDS
+    assert scene.ids[scene.grid_at:scene.grid_at + 36] == [writer.pad] * 36
+
+
+def test_grid_tokens_are_sums_of_word_embeddings(tokenizer):
+    study = binding_study.Study(objects=1, kinds=("shape",), turns=1)
+    writer = binding_study.SceneWriter(tokenizer, study)
+    scenes = [writer(np.random.default_rng(seed), 1) for seed in (0, 1)]
+    embeddings = torch.nn.Embedding(len(tokenizer), 8)
+    embeds, labels, mask = binding_study.embed_batch(scenes, embeddings, writer.pad, 0.0, torch.Generator())
+    for b, scene in enumerate(scenes):
+        cell = torch.tensor([i for i in scene.cells[0] if i != writer.pad])
+        assert torch.allclose(embeds[b, scene.grid_at], embeddings(cell).sum(0))
+        after = scene.grid_at + 36
+        assert torch.equal(embeds[b, after:len(scene.ids)], embeddings(torch.tensor(scene.ids[after:])))
+        assert int(mask[b].sum()) == len(scene.ids)
+        assert labels[b, len(scene.ids):].eq(-100).all()
+
+
+def test_run_reports_held_out_accuracy_per_kind_and_shape_count(tokenizer):
+    study = binding_study.Study(objects=2, kinds=("colour", "count"), steps=2, batch=4, eval_scenes=20, every=2, warmup_steps=1)
+    curve = binding_study.run(study, tokenizer, heads=4)
+    assert [step for step, _ in curve] == [0, 2]
+    assert set(curve[-1][1]) == {"colour", "colour2", "count"}
+    assert all(0.0 <= value <= 1.0 for value in curve[-1][1].values())
