@@ -74,3 +74,43 @@ def test_static_background_is_pruned(written):
         mask = processor([clip], merge_size=2, use_token_compression=True)["compression_mask"]
         kept, total = kept + int(mask.sum()), total + mask.numel()
     assert 1 - kept / total >= 0.5
+
+
+@pytest.mark.parametrize("answers", curriculum.ANSWER_STYLES)
+def test_image_answers_match_the_drawn_objects(tmp_path, answers):
+    curriculum.generate(tmp_path, seed=3, images=12, videos=0, texts=0, answers=answers)
+    objects = {json.loads(line)["image"]: json.loads(line)["objects"] for line in open(tmp_path / "vision.jsonl")}
+    images = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    restated = answers == "restated"
+    assert {r["kind"] for r in images} == {"colour", "shape", "position", "count", "caption"} | ({"colours"} if restated else set())
+    for row in images:
+        scene = objects[row["image"][0]]
+        question, answer = (m["value"] for m in row["conversations"])
+        question = question.removeprefix("<image>\n")
+        ordered = sorted(scene, key=lambda o: curriculum.QUADRANTS.index(o["quadrant"]))
+        if row["kind"] == "count":
+            assert answer == str(len(scene))
+        elif row["kind"] == "caption":
+            glue = " " if restated else " at the "
+            names = [f"a {o['colour']} {o['shape']}{glue}{o['quadrant']}" for o in ordered]
+            opening = ", ".join(names) + ", on a " if restated else curriculum.join_names(names) + " on a "
+            assert answer.lower().startswith(opening)
+        elif row["kind"] == "colours":
+            assert answer == ", ".join(f"{o['shape']} {o['colour']}" for o in ordered) + "."
+        else:
+            # Exactly one drawn object is the one the question names (or the only one).
+            named = [o for o in scene if f" {o['shape']}?" in question or f" {o['colour']} " in question] or scene
+            assert len(named) == 1, (question, scene)
+            o = named[0]
+            subject = "shape" if question.endswith("the shape?") else o["shape"]
+            expected = {
+                "colour": (f"The {subject} is {o['colour']}.", o["colour"]),
+                "shape": (f"It is a {o['colour']} {o['shape']}.", o["shape"]),
+                "position": (f"The {o['colour']} {o['shape']} is {o['quadrant']}.", o["quadrant"]),
+            }[row["kind"]]
+            assert answer == expected[0 if restated else 1], question
+
+
+def test_unknown_answer_style_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="answers='long'"):
+        curriculum.generate(tmp_path, images=1, videos=0, texts=0, answers="long")

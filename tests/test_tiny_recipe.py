@@ -35,6 +35,7 @@ def test_hub_layout(run):
 
 def test_stages_chain_with_their_own_freezing(run):
     _, work = run
+    assert not (work / "align").exists()  # off in the recipe's plan
     llm, vis, s1, s2, s4 = (weights(work / name) for name in ("llm", "vision", "stage1", "stage2", "stage4"))
     base = weights(work / "base")
     vision = [k for k in base if ".vision_encoder." in k]
@@ -51,6 +52,19 @@ def test_stages_chain_with_their_own_freezing(run):
     assert any(not torch.equal(s1[k], s2[k]) for k in text)
     final = weights(run[0])
     assert all(torch.equal(final[k], s4[k]) for k in s4)
+
+
+def test_plan_turns_on_restated_answers_and_the_alignment_after_stage_1(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"curriculum": {"answers": "restated"}, "align": {"steps": 2}}))
+    work = tmp_path / "work"
+    train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--work", str(work), "--keep-work", "--plan", str(plan)])
+    rows = [json.loads(line) for line in (work / "data" / "eval.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "colours" for r in rows)
+    s1, aligned, s2 = (weights(work / name) for name in ("stage1", "align", "stage2"))
+    changed = {k for k in s1 if not torch.equal(s1[k], aligned[k])}
+    assert changed and all(".mm_projector." in k or ".vision_encoder." in k for k in changed)
+    assert any(not torch.equal(aligned[k], s2[k]) for k in aligned)  # stage 2 starts from the aligned model
 
 
 def test_loads_with_auto_classes_and_answers(run):

@@ -41,3 +41,37 @@ def test_object_loss_pools_each_shape_of_each_image():
     loss.backward()
     assert features.grad.abs().sum(1).gt(0).all()
     assert set(metrics) == {"colour", "shape_of_patch", "shape_of_object"}
+
+
+def test_word_targets_sum_the_embeddings_of_what_covers_each_patch():
+    labels = vision_pretrain.patch_labels(scene(), {"red": "square", "blue": "circle", "green": "triangle"}, patch=14)
+    row = {"objects": [{"colour": "red", "shape": "square", "quadrant": "top right"},
+                       {"colour": "blue", "shape": "circle", "quadrant": "bottom left"}], "background": "striped"}
+    words = [*curriculum.COLOURS, *curriculum.SHAPES, "top", "bottom", "left", "right", *curriculum.BACKGROUNDS]
+    table = dict(zip(words, torch.randn(len(words), 4)))
+
+    def embed(text):
+        return sum(table[w] for w in text.split())
+
+    targets = vision_pretrain.word_targets(row, labels, embed).view(6, 6, 4)
+    red_square = table["red"] + table["square"] + table["top"] + table["right"]
+    assert all(torch.allclose(targets[r, c], red_square) for r in (1, 2) for c in (3, 4))
+    assert torch.allclose(targets[5, 0], table["blue"] + table["circle"] + table["bottom"] + table["left"])
+    assert torch.allclose(targets[0, 0], table["striped"])  # the green sliver is background
+    assert torch.allclose(targets[3, 3], table["striped"])
+
+
+def test_alignment_pulls_visual_tokens_towards_the_words_and_leaves_the_llm(tmp_path):
+    from tools import train_default
+
+    paths = curriculum.generate(tmp_path, seed=5, images=8, videos=0, texts=2)
+    tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
+    model = train_default.build_model(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = vision_pretrain.align_projector(model, train_default.build_processor(tokenizer), paths["vision"], tmp_path,
+                                             steps=40, batch=4, lr=3e-3)
+    assert losses[-1] < 0.5 * losses[0]
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("mm_projector" in k for k in changed) and any("vision_encoder" in k for k in changed)
+    assert all("mm_projector" in k or "vision_encoder" in k for k in changed)

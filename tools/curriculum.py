@@ -15,7 +15,8 @@ Media paths are relative to the folder holding the JSONL files (the trainer's da
 The world:
 * images (84x84 px): one to three shapes, each of a different shape and colour, each in its own
   quadrant, on a plain, striped, checkered or noisy background. Questions ask for a colour, a
-  shape, the count, a position ("top left") or a caption.
+  shape, the count, a position ("top left") or a caption; with `answers="restated"` the answers
+  restate the subject ("The square is red.", see `image_questions`).
 * videos (112x112 px, 6-8 s at 10 fps, H.264 lossless so a static background decodes to identical
   pixels and the Differential Frame Pruner drops it): a static background, sometimes a static
   distractor shape, and one event: a shape that is visible from second `s` to second `e`
@@ -51,6 +52,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 IMAGE_SIZE = 84
 VIDEO_SIZE = 112
 VIDEO_FPS = 10
+ANSWER_STYLES = ("short", "restated")
 SYSTEM_NAME = "I am VideoLLaMA3, a tiny model that describes shapes in images and videos."
 
 
@@ -111,12 +113,6 @@ def distinct_shapes(rng: np.random.Generator, count: int) -> list[Shape]:
     return [Shape(str(c), str(k)) for c, k in zip(colours, kinds)]
 
 
-def join_names(names: list[str]) -> str:
-    if len(names) == 1:
-        return names[0]
-    return ", ".join(names[:-1]) + " and " + names[-1]
-
-
 # ---- images ------------------------------------------------------------------------------------
 
 
@@ -139,25 +135,56 @@ def make_image(rng: np.random.Generator):
     return canvas, shapes, quadrants, style
 
 
-def image_caption(shapes, quadrants, style) -> str:
+def join_names(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def image_caption(shapes, quadrants, style, answers: str = "short") -> str:
+    """Shapes in quadrant order, then the background.
+
+    short:    "A red circle at the top left and a blue square at the bottom right on a striped background."
+    restated: "A red circle top left, a blue square bottom right, on a striped background." (each
+              quadrant right after the name it is looked up from)
+    """
     order = sorted(range(len(shapes)), key=lambda i: quadrants[i])
-    parts = [f"a {shapes[i].name} at the {QUADRANTS[quadrants[i]]}" for i in order]
-    sentence = join_names(parts)
+    if answers == "restated":
+        sentence = ", ".join([f"a {shapes[i].name} {QUADRANTS[quadrants[i]]}" for i in order] + [f"on a {style} background."])
+        return sentence[0].upper() + sentence[1:]
+    sentence = join_names([f"a {shapes[i].name} at the {QUADRANTS[quadrants[i]]}" for i in order])
     return sentence[0].upper() + sentence[1:] + f" on a {style} background."
 
 
-def image_questions(rng: np.random.Generator, shapes, quadrants, style) -> list[tuple[str, str, str]]:
-    """All `(kind, question, answer)` pairs the scene supports, in a fixed order."""
+def image_questions(rng: np.random.Generator, shapes, quadrants, style, answers: str = "short") -> list[tuple[str, str, str]]:
+    """All `(kind, question, answer)` pairs the scene supports, in a fixed order.
+
+    `answers` (`ANSWER_STYLES`): "short" answers with the bare word ("What shape is the red
+    object?" -> "square"). "restated" answers restate what the question names right before what it
+    asks ("It is a red square.", "The square is red.", "The red circle is top left.") and adds
+    "What colour is each shape?" ("square blue, circle red."). A bare "square" has to be found from
+    the answer's first token by finding "red" in the question and then the red patches, two
+    dependent attention steps; restated, it is looked up from the word just written, one step,
+    which the tiny LLM learns within 100 steps on symbolic scenes (`tools.binding_study`).
+    """
+    if answers not in ANSWER_STYLES:
+        raise ValueError(f"answers={answers!r}: expected one of {ANSWER_STYLES}")
+    restated = answers == "restated"
     qa = []
     for shape, quadrant in zip(shapes, quadrants):
-        qa.append(("colour", f"What colour is the {shape.kind}?", shape.colour))
-        qa.append(("shape", f"What shape is the {shape.colour} object?", shape.kind))
-        qa.append(("position", f"Where is the {shape.name}?", QUADRANTS[quadrant]))
+        where = QUADRANTS[quadrant]
+        qa.append(("colour", f"What colour is the {shape.kind}?", f"The {shape.kind} is {shape.colour}." if restated else shape.colour))
+        qa.append(("shape", f"What shape is the {shape.colour} object?", f"It is a {shape.name}." if restated else shape.kind))
+        qa.append(("position", f"Where is the {shape.name}?", f"The {shape.name} is {where}." if restated else where))
     if len(shapes) == 1:
-        qa.append(("colour", "What colour is the shape?", shapes[0].colour))
-        qa.append(("shape", "What shape is in the image?", shapes[0].kind))
+        only = shapes[0]
+        qa.append(("colour", "What colour is the shape?", f"The shape is {only.colour}." if restated else only.colour))
+        qa.append(("shape", "What shape is in the image?", f"It is a {only.name}." if restated else only.kind))
     qa.append(("count", "How many shapes are there?", str(len(shapes))))
-    qa.append(("caption", "Describe the image.", image_caption(shapes, quadrants, style)))
+    if restated:
+        order = sorted(range(len(shapes)), key=lambda i: quadrants[i])
+        qa.append(("colours", "What colour is each shape?", ", ".join(f"{shapes[i].kind} {shapes[i].colour}" for i in order) + "."))
+    qa.append(("caption", "Describe the image.", image_caption(shapes, quadrants, style, answers)))
     return qa
 
 
@@ -274,20 +301,25 @@ def conversation(tag: str | None, turns: list[tuple[str, str]]) -> list[dict]:
 
 
 def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, texts: int = 300, turns: int = 3,
-             prefix: str = "") -> dict[str, Path]:
+             prefix: str = "", answers: str = "short") -> dict[str, Path]:
     """Write media and the JSONL files below under `out_dir`; returns their paths by name.
 
     * `image.jsonl`: one line per image with up to `turns` question turns (caption included
       with probability 1/2); `caption.jsonl`: the same images with only their caption;
     * `single.jsonl`: every question but the caption about the one-shape images, one per line (the
       easy end of the curriculum: nothing to tell apart inside the image);
-    * `vision.jsonl`: one line per image with its `objects` (colour, shape, quadrant), for the
-      vision pretraining that stands in for SigLIP (`tools.vision_pretrain`);
+    * `vision.jsonl`: one line per image with its `objects` (colour, shape, quadrant) and its
+      `background` style, for the vision pretraining and alignment that stand in for SigLIP
+      (`tools.vision_pretrain`);
     * `video.jsonl`: one line per video with all its questions as turns, in random order;
     * `text.jsonl`: single-turn text-only samples;
     * `eval.jsonl`: one line per (medium, question), single-turn, with `kind` and `modality` fields,
       for the held-out evaluation (use a different seed).
+
+    `answers` is the style of the image answers, "short" or "restated" (`image_questions`).
     """
+    if answers not in ANSWER_STYLES:
+        raise ValueError(f"answers={answers!r}: expected one of {ANSWER_STYLES}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -298,7 +330,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
         pixels, shapes, quadrants, style = make_image(rng)
         rel = f"images/{prefix}{i:05d}.png"
         Image.fromarray(pixels).save(out / rel, optimize=False)
-        qa = image_questions(rng, shapes, quadrants, style)
+        qa = image_questions(rng, shapes, quadrants, style, answers)
         order = rng.permutation(len(qa))
         chosen = [qa[j] for j in order[:turns]]
         rows["image"].append({"image": [rel], "conversations": conversation("<image>", [(q, a) for _, q, a in chosen])})
@@ -307,7 +339,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
             rows["single"] += [{"image": [rel], "conversations": conversation("<image>", [(q, a)])}
                                for kind, q, a in qa if kind != "caption"]
         objects = [{"colour": s.colour, "shape": s.kind, "quadrant": QUADRANTS[q]} for s, q in zip(shapes, quadrants)]
-        rows["vision"].append({"image": rel, "objects": objects})
+        rows["vision"].append({"image": rel, "objects": objects, "background": style})
         rows["caption"].append({"image": [rel], "conversations": conversation("<image>", [caption[1:]])})
         for kind, q, a in qa:
             rows["eval"].append({"image": [rel], "modality": "image", "kind": kind,
@@ -380,8 +412,10 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--videos", type=int, default=300)
     parser.add_argument("--texts", type=int, default=300)
+    parser.add_argument("--answers", choices=ANSWER_STYLES, default="short", help="style of the image answers")
     args = parser.parse_args(argv)
-    paths = generate(args.out_dir, seed=args.seed, images=args.images, videos=args.videos, texts=args.texts)
+    paths = generate(args.out_dir, seed=args.seed, images=args.images, videos=args.videos, texts=args.texts,
+                     answers=args.answers)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -80,8 +80,11 @@ def answer_batch(model, processor, conversations: list[list[dict]], max_new_toke
 
 
 def evaluate(model_path: str, images: int = 150, videos: int = 60, batch_size: int = 16, seed: int = HELD_OUT_SEED,
-             data_dir: str | None = None, verbose: bool = False) -> dict:
-    """Generate the held-out set (unless `data_dir` already holds it), answer every question, score."""
+             data_dir: str | None = None, verbose: bool = False, answers: str = "short") -> dict:
+    """Generate the held-out set (unless `data_dir` already holds it), answer every question, score.
+
+    `answers`: the style of the image answers the model was trained on (`curriculum.ANSWER_STYLES`).
+    """
     torch.set_num_threads(min(2, torch.get_num_threads()))
     scratch = None
     if data_dir is None:
@@ -89,7 +92,7 @@ def evaluate(model_path: str, images: int = 150, videos: int = 60, batch_size: i
         data_dir = scratch.name
     data = Path(data_dir)
     if not (data / "eval.jsonl").exists():
-        curriculum.generate(data, seed=seed, images=images, videos=videos, texts=0)
+        curriculum.generate(data, seed=seed, images=images, videos=videos, texts=0, answers=answers)
     rows = [json.loads(line) for line in open(data / "eval.jsonl")]
     model, processor = load(model_path)
 
@@ -136,9 +139,12 @@ def main(argv=None):
     parser.add_argument("--videos", type=int, default=60, help="held-out videos (2 questions each)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-dir", default=None, help="keep the held-out set here (default: a temporary folder)")
+    parser.add_argument("--answers", choices=curriculum.ANSWER_STYLES, default="short",
+                        help="style of the image answers the model was trained on")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
-    result = evaluate(args.model, args.images, args.videos, args.batch_size, data_dir=args.data_dir, verbose=args.verbose)
+    result = evaluate(args.model, args.images, args.videos, args.batch_size, data_dir=args.data_dir, verbose=args.verbose,
+                      answers=args.answers)
     for name, (right, total) in result["per_kind"].items():
         print(f"{name:>18}: {right}/{total} ({right / total:.0%})")
     tokens = result["video_tokens"]
