@@ -77,9 +77,10 @@ quadrant 100%, but after stage 2 (with its moved embeddings) 74%, 43% and 40%. H
 in the recipe. Keeping encoder and projector nearly still in stages 2 and 3 after the alignment
 (learning rates 2e-5 and 1e-4) was worse: 42.3% on image questions after stage 2, where the LLM did
 not even copy the question's shape reliably ("What colour is the square?" -> "The circle is
-purple."). Shape itself is a second limit: one-shape "what shape" questions are 53% right in the
-committed model (63-70% with restated answers), while a linear probe on the encoder's mean
-feature of each shape reads it 86-91% right.
+purple."). Shape itself was a second limit, since lifted: with 800 vision pretraining steps
+one-shape "what shape" questions were 53% right (63-70% with restated answers) and a linear probe
+on the encoder's mean feature of each shape read it 91% right; with 1600 steps (the recipe now)
+the probe reads 100%, and the model answers "what shape" 99% right, also among three shapes.
 """
 
 import argparse
