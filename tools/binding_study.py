@@ -48,12 +48,12 @@ of the recipe unchanged: image 48.4%, video 73.3% (when 88%, direction 100%) in 
 recipe unties them and keeps 4 heads. The real visual tokens are not the clean sums above, and
 that gap is where binding is still lost.
 
-Restated answers (`--answers restated`, untied embeddings, 4 heads unless said, seeds 1 and 2;
-7 runs of 500-800 steps, with and without the captions and the colours question). The bare answer "square" to "What
-shape is the red object?" needs two dependent attention steps from the answer's first token: find
-"red" in the question, then the red tokens. "It is a red square." needs one: "red" is copied from
-the question (a lookup of its own, with its own gradient), and "square" is read off the tokens that
-match the word just written. That is learnt at once:
+Restated answers (`--answers restated`, untied embeddings, 4 heads unless said, seeds 1 and 2; 7
+runs of 500-800 steps, with and without the captions and the colours question). The bare answer
+"square" to "What shape is the red object?" needs two dependent attention steps from the answer's
+first token: find "red" in the question, then the red tokens. "It is a red square." needs one: "red"
+is copied from the question (a lookup of its own, with its own gradient), and "square" is read off
+the tokens that match the word just written. That is learnt at once:
 * shape ("It is a red square."): 98-100% on scenes of three shapes by step 200 in all 7 runs;
 * captions with each quadrant right after its shape ("A red circle top left, a blue square bottom
   right, on a striped background."): 100% at step 600; with "at the" before the quadrant, 92%;
@@ -68,19 +68,19 @@ match the word just written. That is learnt at once:
 * 8 heads of width 16 instead of 4 did not help (colour 60% at step 800).
 
 In the real recipe (`tools.train_default --plan` with `{"curriculum": {"answers": "restated"}}`)
-restated answers alone gave held-out image 40.7% (one-shape colour 100%, but one-shape shape 70%
-and colour on two or three shapes 50% / 34%). The LLM does not get tokens that read like words:
-adding the alignment of `vision_pretrain.align_projector` after stage 1 makes each shape's mean
-token decode to the nearest sum of word embeddings with the right colour 100%, shape 96% and
-quadrant 100%, but after stage 2 (with its moved embeddings) 74%, 43% and 40%. Held-out: image
-49.8%, video 66.7% (against 48.4% / 73.3% for the recipe as it is), 19.0 minutes; neither change is
-in the recipe. Keeping encoder and projector nearly still in stages 2 and 3 after the alignment
-(learning rates 2e-5 and 1e-4) was worse: 42.3% on image questions after stage 2, where the LLM did
-not even copy the question's shape reliably ("What colour is the square?" -> "The circle is
-purple."). Shape itself was a second limit, since lifted: with 800 vision pretraining steps
-one-shape "what shape" questions were 53% right (63-70% with restated answers) and a linear probe
-on the encoder's mean feature of each shape read it 91% right; with 1600 steps (the recipe now)
-the probe reads 100%, and the model answers "what shape" 99% right, also among three shapes.
+restated answers alone gave held-out image 40.7% (one-shape colour 100%, but one-shape shape 70% and
+colour on two or three shapes 50% / 34%). The LLM does not get tokens that read like words: adding
+the alignment of `vision_pretrain.align_projector` after stage 1 makes each shape's mean token
+decode to the nearest sum of word embeddings with the right colour 100%, shape 96% and quadrant
+100%, but after stage 2 (with its moved embeddings) 74%, 43% and 40%. Held-out: image 49.8%, video
+66.7% (against 48.4% / 73.3% for the recipe then, all with 800 vision pretraining steps), 19.0
+minutes; neither change is in the recipe. Keeping encoder and projector nearly still in stages 2 and
+3 after the alignment (learning rates 2e-5 and 1e-4) was worse: 42.3% on image questions after stage
+2, where the LLM did not even copy the question's shape reliably ("What colour is the square?" ->
+"The circle is purple."). Shape itself was a second limit, since lifted: with 800 vision pretraining
+steps one-shape "what shape" questions were 53% right (63-70% with restated answers) and a linear
+probe on the encoder's mean feature of each shape read it 91% right; with 1600 steps (the recipe
+now) the probe reads 100%, and the model answers "what shape" 99% right, also among three shapes.
 """
 
 import argparse

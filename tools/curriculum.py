@@ -165,7 +165,7 @@ def image_questions(rng: np.random.Generator, shapes, quadrants, style, answers:
     "What colour is each shape?" ("square blue, circle red."). A bare "square" has to be found from
     the answer's first token by finding "red" in the question and then the red patches, two
     dependent attention steps; restated, it is looked up from the word just written, one step,
-    which the tiny LLM learns within 100 steps on symbolic scenes (`tools.binding_study`).
+    which the tiny LLM learns within 200 steps on symbolic scenes (`tools.binding_study`).
     """
     if answers not in ANSWER_STYLES:
         raise ValueError(f"answers={answers!r}: expected one of {ANSWER_STYLES}")
