@@ -141,6 +141,11 @@ def join_names(names: list[str]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def quadrant_order(quadrants: list[int]) -> list[int]:
+    """Indices of the shapes from the top-left quadrant to the bottom-right one: the order answers list them in."""
+    return sorted(range(len(quadrants)), key=lambda i: quadrants[i])
+
+
 def image_caption(shapes, quadrants, style, answers: str = "short") -> str:
     """Shapes in quadrant order, then the background.
 
@@ -148,7 +153,7 @@ def image_caption(shapes, quadrants, style, answers: str = "short") -> str:
     restated: "A red circle top left, a blue square bottom right, on a striped background." (each
               quadrant right after the name it is looked up from)
     """
-    order = sorted(range(len(shapes)), key=lambda i: quadrants[i])
+    order = quadrant_order(quadrants)
     if answers == "restated":
         sentence = ", ".join([f"a {shapes[i].name} {QUADRANTS[quadrants[i]]}" for i in order] + [f"on a {style} background."])
         return sentence[0].upper() + sentence[1:]
@@ -182,7 +187,7 @@ def image_questions(rng: np.random.Generator, shapes, quadrants, style, answers:
         qa.append(("shape", "What shape is in the image?", f"It is a {only.name}." if restated else only.kind))
     qa.append(("count", "How many shapes are there?", str(len(shapes))))
     if restated:
-        order = sorted(range(len(shapes)), key=lambda i: quadrants[i])
+        order = quadrant_order(quadrants)
         qa.append(("colours", "What colour is each shape?", ", ".join(f"{shapes[i].kind} {shapes[i].colour}" for i in order) + "."))
     qa.append(("caption", "Describe the image.", image_caption(shapes, quadrants, style, answers)))
     return qa
