@@ -37,10 +37,27 @@ def test_object_loss_pools_each_shape_of_each_image():
     head = vision_pretrain.PatchHead(8)
     labels = vision_pretrain.patch_labels(scene(), {"red": "square", "blue": "circle", "green": "triangle"}, patch=14)
     features = torch.randn(36, 8, requires_grad=True)
-    loss, metrics = head.loss(features, labels, torch.zeros(36, dtype=torch.long))
+    loss, metrics = head.loss(features, labels, torch.zeros(36, dtype=torch.long), torch.tensor([1]))
     loss.backward()
     assert features.grad.abs().sum(1).gt(0).all()
-    assert set(metrics) == {"colour", "shape_of_patch", "shape_of_object"}
+    assert set(metrics) == {"colour", "shape_of_patch", "shape_of_object"}  # the style is off by default
+
+
+def test_background_style_is_read_from_the_background_patches_of_each_image():
+    head = vision_pretrain.PatchHead(8, background_weight=1.0)
+    labels = vision_pretrain.patch_labels(scene(), {"red": "square", "blue": "circle", "green": "triangle"}, patch=14)
+    for module in (head.colour, head.shape, head.position):
+        module.requires_grad_(False).weight.zero_()
+        module.bias.zero_()
+    two = vision_pretrain.PatchLabels(*(torch.cat([getattr(labels, f)] * 2) for f in ("colour", "shape", "position")))
+    features = torch.randn(72, 8, requires_grad=True)
+    loss, metrics = head.loss(features, two, torch.arange(2).repeat_interleave(36), torch.tensor([0, 3]))
+    assert "background" in metrics
+    loss.backward()
+    shape_patches = two.colour > 0
+    assert features.grad[~shape_patches].abs().sum(1).gt(0).all()  # every background patch of both images
+    # with the per-patch and per-shape read-outs zeroed, only the style reaches any patch
+    assert torch.equal(features.grad[shape_patches], torch.zeros(int(shape_patches.sum()), 8))
 
 
 def test_word_targets_sum_the_embeddings_of_what_covers_each_patch():
