@@ -1,6 +1,7 @@
 """Dense patch labels of the vision pretraining (the SigLIP stand-in of the tiny recipe)."""
 
 import numpy as np
+import pytest
 import torch
 
 from tools import curriculum, vision_pretrain
@@ -37,7 +38,7 @@ def test_object_loss_pools_each_shape_of_each_image():
     head = vision_pretrain.PatchHead(8)
     labels = vision_pretrain.patch_labels(scene(), {"red": "square", "blue": "circle", "green": "triangle"}, patch=14)
     features = torch.randn(36, 8, requires_grad=True)
-    loss, metrics = head.loss(features, labels, torch.zeros(36, dtype=torch.long), torch.tensor([1]))
+    loss, metrics = head.loss(features, labels, torch.zeros(36, dtype=torch.long))
     loss.backward()
     assert features.grad.abs().sum(1).gt(0).all()
     assert set(metrics) == {"colour", "shape_of_patch", "shape_of_object"}  # the style is off by default
@@ -53,6 +54,8 @@ def test_background_style_is_read_from_the_background_patches_of_each_image():
     features = torch.randn(72, 8, requires_grad=True)
     loss, metrics = head.loss(features, two, torch.arange(2).repeat_interleave(36), torch.tensor([0, 3]))
     assert "background" in metrics
+    with pytest.raises(ValueError, match="backgrounds: needed when background_weight"):
+        head.loss(features, two, torch.arange(2).repeat_interleave(36))
     loss.backward()
     shape_patches = two.colour > 0
     assert features.grad[~shape_patches].abs().sum(1).gt(0).all()  # every background patch of both images

@@ -11,7 +11,7 @@ learnt). The head is discarded; only the encoder's weights carry over to stage 1
 
 Off unless asked (`background_weight`): per image, the background's style from the mean of its
 background patches. Captions name the style, and trained on colour alone the encoder keeps little
-of it (a linear probe on the final tiny model's background tokens: 26%, chance 25%). With the
+of it (a linear probe on the background tokens after a full recipe run: 26%, chance 25%). With the
 style trained in, the probe reads 100% after pretraining and 60% after stages 1-4, but the model's
 captions still name it at chance (36/150 against 38/150), so the recipe leaves it off.
 
@@ -75,9 +75,9 @@ class PatchHead(torch.nn.Module):
         self.background = torch.nn.Linear(width, len(BACKGROUNDS)) if background_weight else None
 
     def loss(self, features: torch.Tensor, labels: PatchLabels, image_of_patch: torch.Tensor,
-             backgrounds: torch.Tensor) -> tuple[torch.Tensor, dict]:
+             backgrounds: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """`features` (N, D) of all patches of a batch; `image_of_patch` (N,) image index of each
-        patch; `backgrounds` (B,) each image's `BACKGROUNDS` index (read when `background_weight`)."""
+        patch; `backgrounds` (B,) each image's `BACKGROUNDS` index (needed with `background_weight`)."""
         colour, shape = self.colour(features), self.shape(features)
         # Each shape's patches averaged: one patch sees a corner or an edge, the set sees the shape,
         # and an average over a shape's tokens is what an LLM attention head reads out.
@@ -100,13 +100,15 @@ class PatchHead(torch.nn.Module):
             "shape_of_object": (pooled_shape.argmax(1) == object_shape[is_shape]).float().mean().item(),
         }
         if self.background_weight:
+            if backgrounds is None:
+                raise ValueError("backgrounds: needed when background_weight is set (one style index per image)")
             # The style is a texture: one background patch sees a piece of a stripe, all of them the stripes.
             is_background = labels.colour == 0
             images = len(backgrounds)
-            pooled = torch.zeros(images, features.shape[1]).index_add_(
+            mean = torch.zeros(images, features.shape[1]).index_add_(
                 0, image_of_patch[is_background], features[is_background])  # (B, D)
-            pooled = pooled / torch.bincount(image_of_patch[is_background], minlength=images).clamp(min=1)[:, None]
-            background = self.background(pooled)  # (B, styles)
+            mean = mean / torch.bincount(image_of_patch[is_background], minlength=images).clamp(min=1)[:, None]
+            background = self.background(mean)  # (B, styles)
             loss = loss + self.background_weight * F.cross_entropy(background, backgrounds)
             metrics["background"] = (background.argmax(1) == backgrounds).float().mean().item()
         return loss, metrics
