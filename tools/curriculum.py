@@ -135,6 +135,11 @@ def make_image(rng: np.random.Generator):
     return canvas, shapes, quadrants, style
 
 
+def check_answer_style(answers: str) -> None:
+    if answers not in ANSWER_STYLES:
+        raise ValueError(f"answers={answers!r}: expected one of {ANSWER_STYLES}")
+
+
 def join_names(names: list[str]) -> str:
     if len(names) == 1:
         return names[0]
@@ -172,8 +177,7 @@ def image_questions(rng: np.random.Generator, shapes, quadrants, style, answers:
     dependent attention steps; restated, it is looked up from the word just written, one step,
     which the tiny LLM learns within 200 steps on symbolic scenes (`tools.binding_study`).
     """
-    if answers not in ANSWER_STYLES:
-        raise ValueError(f"answers={answers!r}: expected one of {ANSWER_STYLES}")
+    check_answer_style(answers)
     restated = answers == "restated"
     qa = []
     for shape, quadrant in zip(shapes, quadrants):
@@ -323,8 +327,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
 
     `answers` is the style of the image answers, "short" or "restated" (`image_questions`).
     """
-    if answers not in ANSWER_STYLES:
-        raise ValueError(f"answers={answers!r}: expected one of {ANSWER_STYLES}")
+    check_answer_style(answers)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)

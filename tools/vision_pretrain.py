@@ -160,7 +160,9 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
         features = encoder(inputs["pixel_values"], inputs["grid_sizes"], inputs["merge_sizes"])  # (N, D)
         labels = PatchLabels(*(torch.cat([getattr(lab, f) for _, lab, _ in chosen]) for f in ("colour", "shape", "position")))
         image_of_patch = torch.cat([torch.full((len(lab.colour),), i) for i, (_, lab, _) in enumerate(chosen)])  # (N,)
-        backgrounds = torch.tensor([BACKGROUNDS.index(row["background"]) for *_, row in chosen])  # (B,)
+        backgrounds = None
+        if background_weight:
+            backgrounds = torch.tensor([BACKGROUNDS.index(row["background"]) for *_, row in chosen])  # (B,)
         loss, metrics = head.loss(features, labels, image_of_patch, backgrounds)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
