@@ -4,9 +4,13 @@ The same mixed-length multimodal samples (an image or a short video each, text l
 log-uniformly) go through the same model in batches of the same samples:
 
 * packed: `trainer.data.pack_samples`, the trainer's packing collator after encoding: one
-  padding-free row per batch, positions restarting per sample, no attention mask;
+  padding-free row per batch, positions restarting per sample, no attention mask, and the
+  attention the trainer uses for packed rows (`trainer.trainers.use_packed_attention`: under sdpa,
+  one causal call per sample);
 * padded: TRL's `DataCollatorForLanguageModeling` (right padding to the longest sample, attention
-  mask), with the batch's visual tensors concatenated exactly as the trainer does.
+  mask), with the batch's visual tensors concatenated exactly as the trainer does, under sdpa.
+
+Both sides start from the same weights (two copies of one model, one optimizer each).
 
 One timed round is an accumulation step: forward and backward of every batch, then one AdamW
 update (as with gradient accumulation; at this toy scale a per-batch update would cost as much as
@@ -14,6 +18,7 @@ the batch itself and hide the difference). Throughput counts real (non-pad) toke
 Both collations must give the same loss on the first batch, which the benchmark checks.
 """
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,24 +100,28 @@ def build(spec: TrainSpec):
 
 
 def run(spec: TrainSpec = FULL, repeats: int = 3) -> list[Row]:
+    from trainer.trainers import use_packed_attention
+
     model, padded, packed, tokens = build(spec)
+    ours = copy.deepcopy(model)
+    use_packed_attention(ours)
     # `use_cache=False` as TRL's `SFTTrainer.compute_loss` passes: with a cache, transformers does not
     # read sample boundaries from `position_ids` and packed samples would attend to each other.
     with torch.no_grad():
         loss_padded = model(**padded[0], use_cache=False).loss.item()
-        loss_packed = model(**packed[0], use_cache=False).loss.item()
+        loss_packed = ours(**packed[0], use_cache=False).loss.item()
     if abs(loss_padded - loss_packed) > 1e-3 * abs(loss_padded):
         raise RuntimeError(f"packed and padded losses differ: {loss_packed} vs {loss_padded}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, model)}
 
-    def accumulation_step(batches):
+    def accumulation_step(m, batches):
         for batch in batches:
-            model(**batch, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            m(**batch, use_cache=False).loss.backward()
+        optimizers[id(m)].step()
+        optimizers[id(m)].zero_grad(set_to_none=True)
 
-    accumulation_step(packed[:1]), accumulation_step(padded[:1])  # warm-up: allocator, optimizer state
-    stats = alternate({"packed": lambda: accumulation_step(packed), "padded": lambda: accumulation_step(padded)},
+    accumulation_step(ours, packed[:1]), accumulation_step(model, padded[:1])  # warm-up: allocator, optimizer state
+    stats = alternate({"packed": lambda: accumulation_step(ours, packed), "padded": lambda: accumulation_step(model, padded)},
                       repeats, warmup=0)
     rate = {name: Stat([tokens / t for t in s.values]) for name, s in stats.items()}
     padded_tokens = sum(b["input_ids"].numel() for b in padded)
@@ -120,5 +129,6 @@ def run(spec: TrainSpec = FULL, repeats: int = 3) -> list[Row]:
             f"{tokens} tokens ({padded_tokens} padded)")
     return [
         Row("5 training throughput", case, "tok/s", rate["packed"], rate["padded"], "TRL padded collator", ">= 1.5",
-            higher_is_better=True, note=f"first-batch loss packed {loss_packed:.5f} vs padded {loss_padded:.5f}"),
+            higher_is_better=True, note=f"first-batch loss packed {loss_packed:.5f} vs padded {loss_padded:.5f}; "
+            f"packed attention: {ours.config._attn_implementation}"),
     ]

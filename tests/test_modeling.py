@@ -369,3 +369,46 @@ def test_packed_row_in_training_matches_samples_alone(model, tok):
         finally:
             model.eval()
         assert (packed_logits - expected).abs().max() < TOL, f"training={training}"
+
+
+def test_packed_sdpa_attends_per_sample_with_sdpas_gradients(model, tok):
+    """`PACKED_SDPA` (one causal sdpa call per packed sample) computes what sdpa's block-diagonal
+    mask computes: the same logits as each sample alone and the same gradients; padded batches
+    keep sdpa's own masks."""
+    import copy
+
+    torch.manual_seed(18)
+    img = model.config.image_token_index
+    samples = [([image(4, 4)], "first"), ([video(3, 4, 4, keep_fraction=0.5)], "second sample"), ([], "third")]
+    alone = [our_inputs(tok, [sample], img) for sample in samples]
+    packed = {
+        "input_ids": torch.cat([a["input_ids"] for a in alone], dim=1),
+        "position_ids": torch.cat([torch.arange(a["input_ids"].shape[1]) for a in alone])[None],
+    }
+    for name in ("pixel_values", "grid_sizes", "merge_sizes", "compression_mask"):
+        packed[name] = torch.cat([a[name] for a in alone if name in a])
+    packed["labels"] = packed["input_ids"].clone()
+    ours = copy.deepcopy(model)
+    ours.set_attn_implementation(M.PACKED_SDPA)
+    assert model.config._attn_implementation == "sdpa"
+    losses, grads = [], []
+    for candidate in (model, ours):
+        candidate.train()
+        try:
+            loss = candidate(**packed).loss
+            loss.backward()
+        finally:
+            candidate.eval()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in candidate.named_parameters() if p.grad is not None})
+        candidate.zero_grad(set_to_none=True)
+    assert abs(losses[0] - losses[1]) < TOL
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max() < 1e-4, name
+    with torch.no_grad():
+        del packed["labels"]
+        expected = torch.cat([ours(**a).logits for a in alone], dim=1)
+        assert (ours(**packed).logits - expected).abs().max() < TOL
+        batch = our_inputs(tok, samples[:2], img)  # left-padded, with an attention mask
+        assert (ours(**batch).logits - model(**batch).logits).abs().max() < TOL

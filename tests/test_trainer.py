@@ -288,6 +288,25 @@ def test_packed_loss_equals_token_weighted_unpacked_loss(tmp_path, media_root, p
     assert abs(plain_packed - loss_packed) < 1e-5
 
 
+def test_packing_trains_with_per_sample_attention_and_saves_plain_sdpa(tmp_path, media_root, processor):
+    from trainer.trainers import PACKED_SDPA
+
+    dataset = records(official_rows())
+    plain = tiny_model(processor)
+    STAGE_TRAINERS[3](model=plain, args=train_args(tmp_path, media_root), train_dataset=dataset, processing_class=processor)
+    assert plain.config._attn_implementation == "sdpa"
+    model = tiny_model(processor)
+    args = train_args(tmp_path, media_root, multimodal_packing=True, max_steps=2)
+    trainer = STAGE_TRAINERS[3](model=model, args=args, train_dataset=dataset, processing_class=processor)
+    assert model.config._attn_implementation == PACKED_SDPA
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    # The choice belongs to this training run, not to the checkpoint: users load it with sdpa.
+    assert PACKED_SDPA not in (tmp_path / "out" / "config.json").read_text()
+    M = remote_module("modeling_videollama3")
+    assert M.Videollama3Qwen2ForCausalLM.from_pretrained(args.output_dir).config._attn_implementation == "sdpa"
+
+
 # ------------------------------------------------------------------------------------------------
 # Stages: freezing, optimizer groups, learning
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, Qwen2Model
+from transformers import AttentionInterface, AttentionMaskInterface, GenerationMixin, PreTrainedModel, Qwen2Model
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -73,6 +74,43 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (F, L, H, hd)
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """sdpa that attends within each sample of a packed row, one causal call per sample.
+
+    transformers' sdpa path gives a packed row (one row, `position_ids` restarting per sample) a
+    block-diagonal `(S, S)` mask, so every call computes all S x S scores and cannot use the causal
+    kernel. The samples' boundaries (`cu_seq_lens_q`, passed by `Videollama3Qwen2Model` for packed
+    rows, as flash-attention reads them) make it sum(S_i^2) / 2 instead. Anything else (padded
+    batches, generation with a cache) is plain sdpa with its mask.
+    """
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if cu_seq_lens_q is None:
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    bounds = cu_seq_lens_q.tolist()
+    outputs = [
+        sdpa(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, is_causal=True, **kwargs)[0]
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]  # each (1, S_i, H, hd)
+    return torch.cat(outputs, dim=1), None  # (1, S, H, hd)
+
+
+# `model.set_attn_implementation(PACKED_SDPA)` (the trainer does it for packed batches): padded batches
+# and generation keep sdpa's masks, packed rows attend per sample.
+PACKED_SDPA = "videollama3_packed_sdpa"
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def packed_boundaries(position_ids: torch.Tensor) -> dict:
+    """Flash-attention's varlen kwargs for one packed row whose `position_ids` restart per sample."""
+    row = position_ids[0]
+    starts = torch.nonzero(row[1:] != row[:-1] + 1).flatten() + 1  # first token of every sample but the first
+    cu_seqlens = F.pad(torch.cat([starts, starts.new_tensor([row.numel()])]), (1, 0)).to(torch.int32)  # (samples + 1,)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest, "max_length_k": longest}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -410,6 +448,11 @@ class Videollama3Qwen2Model(Qwen2Model):
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             # Left padding must not shift positions: a padded row then equals the same row alone.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]  # (B, S)
+        one_unmasked_row = (attention_mask is None and past_length == 0 and position_ids is not None
+                            and position_ids.ndim == 2 and position_ids.shape[0] == 1)
+        if one_unmasked_row and "cu_seq_lens_q" not in kwargs:
+            # A packed row's sample boundaries, as flash-attention's varlen kwargs; PACKED_SDPA reads them too.
+            kwargs.update(packed_boundaries(position_ids))
         return super().forward(
             attention_mask=attention_mask,
             position_ids=position_ids,

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from trl import SFTTrainer
 
 from .config import MODULES, STAGE_NAMES, Videollama3SFTConfig, stage_config
@@ -29,6 +30,18 @@ REMOTE_CODE_FILES = (
     "processing_videollama3.py",
     "image_processing_videollama3.py",
 )
+
+
+# Registered by modeling_videollama3 when it is imported (`packed_sdpa_attention` there).
+PACKED_SDPA = "videollama3_packed_sdpa"
+
+
+def use_packed_attention(model: nn.Module) -> None:
+    """Under sdpa, let packed rows attend one sample at a time instead of through sdpa's dense
+    block-diagonal mask (the same numbers; on CPU the attention of a 4-sample row costs about a
+    third). flash-attention already reads the samples' boundaries; eager is left as asked."""
+    if model.config._attn_implementation == "sdpa" and PACKED_SDPA in ALL_ATTENTION_FUNCTIONS:
+        model.set_attn_implementation(PACKED_SDPA)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -96,6 +109,8 @@ class Videollama3Trainer(SFTTrainer):
             from .lora import load_model
 
             model = load_model(str(model), args)
+        if args.multimodal_packing:
+            use_packed_attention(model)
         if processing_class is None:
             from transformers import AutoProcessor
 
