@@ -92,3 +92,39 @@ def test_embedded_default_carries_the_current_remote_code():
                  "image_processing_videollama3.py"):
         assert (REPO_ROOT / "tiny_model" / name).read_text() == (REPO_ROOT / name).read_text(), name
     assert (REPO_ROOT / "tiny_model" / "README.md").read_text() == (REPO_ROOT / "model_card.md").read_text()
+
+
+def test_evaluation_scores_every_held_out_question(run, tmp_path):
+    from tools import evaluate_default
+
+    out, _ = run
+    result = evaluate_default.evaluate(str(out), images=3, videos=2, data_dir=str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    asked = {}
+    for row in rows:
+        key = f"{row['modality']}/{row['kind']}"
+        asked[key] = asked.get(key, 0) + 1
+    assert {key: total for key, (_, total) in result["per_kind"].items()} == asked
+    for key, (right, total) in result["per_kind"].items():
+        assert 0 <= right <= total
+    tokens = result["video_tokens"]
+    assert 0 < tokens["kept"] < tokens["total"]
+    assert result["scores"]["pruned"] == pytest.approx(1 - tokens["kept"] / tokens["total"])
+
+
+def test_temporal_answers_count_within_one_second():
+    from tools.evaluate_default import is_correct
+
+    assert is_correct("when", "2.5-5.0 seconds", "2.0-5.0 seconds")
+    assert not is_correct("when", "3.5-5.0 seconds", "2.0-5.0 seconds")
+    assert not is_correct("when", "soon", "2.0-5.0 seconds")
+    assert is_correct("colour", "red", "red") and not is_correct("colour", "red.", "red")
+
+
+def test_evaluation_refuses_a_held_out_set_of_the_other_answer_style(tmp_path):
+    from tools import curriculum, evaluate_default
+
+    curriculum.generate(tmp_path, seed=1, images=2, videos=0, texts=0, answers="restated")
+    with pytest.raises(ValueError, match="restated answers, but answers='short'"):
+        evaluate_default.evaluate(str(tmp_path / "no-model"), data_dir=str(tmp_path), answers="short")
+

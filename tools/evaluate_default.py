@@ -55,6 +55,17 @@ def messages_of(row: dict, data_dir: Path) -> tuple[list[dict], str]:
     return [{"role": "user", "content": content}], answer
 
 
+def answer_style(rows: list[dict]) -> str | None:
+    """The answer style a held-out set was written in (`curriculum.ANSWER_STYLES`); None without image rows.
+
+    Only restated sets ask "What colour is each shape?" (kind "colours"), once per image.
+    """
+    kinds = {row["kind"] for row in rows if row["modality"] == "image"}
+    if not kinds:
+        return None
+    return "restated" if "colours" in kinds else "short"
+
+
 def is_correct(kind: str, prediction: str, reference: str) -> bool:
     if kind == "when":
         try:
@@ -94,6 +105,11 @@ def evaluate(model_path: str, images: int = 150, videos: int = 60, batch_size: i
     if not (data / "eval.jsonl").exists():
         curriculum.generate(data, seed=seed, images=images, videos=videos, texts=0, answers=answers)
     rows = [json.loads(line) for line in open(data / "eval.jsonl")]
+    style = answer_style(rows)
+    if style not in (None, answers):
+        # Scored against the other style, every image answer would count as wrong.
+        raise ValueError(f"data_dir {data}: its held-out set has {style} answers, but answers={answers!r} was asked "
+                         "(pass the style the set was written in, or an empty folder)")
     model, processor = load(model_path)
 
     per_kind = defaultdict(list)
