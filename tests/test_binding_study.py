@@ -57,3 +57,13 @@ def test_run_reports_held_out_accuracy_per_kind_and_shape_count(tokenizer):
     assert [step for step, _ in curve] == [0, 2]
     assert set(curve[-1][1]) == {"colour", "colour2", "count"}
     assert all(0.0 <= value <= 1.0 for value in curve[-1][1].values())
+
+
+def test_llm_shape_takes_heads_and_layers(tokenizer):
+    from tools import train_default
+
+    model = binding_study.build_llm(tokenizer, heads=8, init=None, layers=5)
+    assert model.config.num_hidden_layers == 5 and len(model.model.layers) == 5
+    assert model.config.num_attention_heads == 8 and model.config.num_key_value_heads == 4
+    default = binding_study.build_llm(tokenizer, heads=4, init=None)
+    assert default.config.num_hidden_layers == train_default.MODEL["num_hidden_layers"]

@@ -128,3 +128,11 @@ def test_evaluation_refuses_a_held_out_set_of_the_other_answer_style(tmp_path):
     with pytest.raises(ValueError, match="restated answers, but answers='short'"):
         evaluate_default.evaluate(str(tmp_path / "no-model"), data_dir=str(tmp_path), answers="short")
 
+
+def test_plan_sets_the_model_shape_and_the_scene_readout(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"model": {"num_key_value_heads": 4, "vision_layers": 1}, "vision": {"scene_weight": 1.0}}))
+    out = train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--plan", str(plan)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_key_value_heads"] == 4 and config["vision_encoder_config"]["num_hidden_layers"] == 1
+    assert train_default.MODEL["num_key_value_heads"] == 2  # the default shape is not mutated

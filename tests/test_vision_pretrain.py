@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tools import curriculum, vision_pretrain
 
@@ -61,6 +62,51 @@ def test_background_style_is_read_from_the_background_patches_of_each_image():
     assert features.grad[~shape_patches].abs().sum(1).gt(0).all()  # every background patch of both images
     # with the per-patch and per-shape read-outs zeroed, only the style reaches any patch
     assert torch.equal(features.grad[shape_patches], torch.zeros(int(shape_patches.sum()), 8))
+
+
+def test_scene_labels_bind_each_colour_kind_and_quadrant():
+    row = {"objects": [{"colour": "red", "shape": "square", "quadrant": "top right"},
+                       {"colour": "blue", "shape": "circle", "quadrant": "bottom left"}], "background": "striped"}
+    names = [name for name, _ in vision_pretrain.SCENE_SLOTS]
+    labels = dict(zip(names, vision_pretrain.scene_labels(row).tolist()))
+    colour = {c: i + 1 for i, c in enumerate(curriculum.COLOURS)}
+    kind = {k: i + 1 for i, k in enumerate(curriculum.SHAPES)}
+    quadrant = {q: i + 1 for i, q in enumerate(curriculum.QUADRANTS)}
+    assert labels["colour of square"] == colour["red"] and labels["colour of circle"] == colour["blue"]
+    assert labels["colour of triangle"] == 0  # not in the scene
+    assert labels["kind of red"] == kind["square"] and labels["kind of green"] == 0
+    assert labels["quadrant of blue"] == quadrant["bottom left"] and labels["quadrant of yellow"] == 0
+    assert labels["colour at top right"] == colour["red"] and labels["colour at top left"] == 0
+    assert labels["kind at bottom left"] == kind["circle"] and labels["kind at bottom right"] == 0
+    assert labels["background"] == curriculum.BACKGROUNDS.index("striped") and labels["count"] == 2
+    assert len(labels) == len(vision_pretrain.SCENE_SLOTS)
+
+
+def test_scene_loss_gives_every_patch_its_own_images_scene():
+    torch.manual_seed(0)
+    plain = vision_pretrain.PatchHead(8)
+    torch.manual_seed(0)
+    head = vision_pretrain.PatchHead(8, scene_weight=1.0)  # the same read-outs, the scene's created last
+    labels = vision_pretrain.patch_labels(scene(), {"red": "square", "blue": "circle", "green": "triangle"}, patch=14)
+    two = vision_pretrain.PatchLabels(*(torch.cat([getattr(labels, f)] * 2) for f in ("colour", "shape", "position")))
+    rows = [{"objects": [{"colour": "red", "shape": "square", "quadrant": "top right"}], "background": "plain"},
+            {"objects": [{"colour": "blue", "shape": "circle", "quadrant": "bottom left"}], "background": "noisy"}]
+    scenes = torch.stack([vision_pretrain.scene_labels(r) for r in rows])  # (2, S)
+    image_of_patch = torch.arange(2).repeat_interleave(36)
+    features = torch.randn(72, 8)
+    loss, metrics = head.loss(features, two, image_of_patch, scenes=scenes)
+    rest, _ = plain.loss(features, two, image_of_patch)
+    with pytest.raises(ValueError, match="scenes: needed when scene_weight"):
+        head.loss(features, two, image_of_patch)
+    # The scene term computed patch by patch and slot by slot, against each patch's own image.
+    logits = head.scene(features)
+    expected, first = [], 0
+    for i, (_, classes) in enumerate(vision_pretrain.SCENE_SLOTS):
+        slot = logits[:, first:first + classes]
+        expected.append(torch.stack([F.cross_entropy(slot[n], scenes[n // 36, i]) for n in range(72)]).mean())
+        first += classes
+    assert torch.allclose(loss - rest, torch.stack(expected).mean(), atol=1e-6)
+    assert {"scene", "scene_all"} <= set(metrics) and "scene" not in plain.loss(features, two, image_of_patch)[1]
 
 
 def test_word_targets_sum_the_embeddings_of_what_covers_each_patch():

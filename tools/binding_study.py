@@ -192,8 +192,9 @@ def embed_batch(scenes: list[Scene], embeddings: torch.nn.Embedding, pad: int, n
     return tokens, labels, mask
 
 
-def build_llm(tokenizer, heads: int, init: str | None):
-    """The recipe's tiny model with `heads` attention heads, or the model saved at `init`; only its LLM is used."""
+def build_llm(tokenizer, heads: int, init: str | None, layers: int | None = None):
+    """The recipe's tiny model with `heads` attention heads (and `layers` decoder layers, default the
+    recipe's), or the model saved at `init`; only its LLM is used."""
     from tools import train_default
 
     if init:
@@ -201,6 +202,8 @@ def build_llm(tokenizer, heads: int, init: str | None):
 
         return AutoModelForCausalLM.from_pretrained(init, trust_remote_code=True)
     shape = dict(train_default.MODEL, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
     return train_default.build_model(tokenizer, seed=torch.initial_seed(), shape=shape)
 
 
@@ -225,10 +228,11 @@ def score(model, scenes: list[Scene], pad: int, noise: float) -> dict[str, float
     return {key: right[key] / total[key] for key in sorted(total)}
 
 
-def run(study: Study, tokenizer, heads: int = 4, init: str | None = None) -> list[tuple[int, dict[str, float]]]:
+def run(study: Study, tokenizer, heads: int = 4, init: str | None = None,
+        layers: int | None = None) -> list[tuple[int, dict[str, float]]]:
     """Train the LLM on symbolic scenes; returns `[(step, held-out accuracies)]` every `study.every` steps."""
     torch.manual_seed(study.seed)
-    model = build_llm(tokenizer, heads, init).train()
+    model = build_llm(tokenizer, heads, init, layers).train()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(not ("vision_encoder" in name or "mm_projector" in name))
     writer = SceneWriter(tokenizer, study)
@@ -260,6 +264,7 @@ def main(argv=None):
     parser.add_argument("--tokenizer", default=str(REPO_ROOT / "tiny_model"), help="folder with the recipe's tokenizer")
     parser.add_argument("--init", default=None, help="start from this checkpoint's LLM instead of fresh weights")
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the recipe's)")
     parser.add_argument("--objects", type=int, default=0, help="shapes per scene (0: one to three)")
     parser.add_argument("--kinds", default="colour,shape,position,count")
     parser.add_argument("--answers", choices=curriculum.ANSWER_STYLES, default="short")
@@ -281,7 +286,7 @@ def main(argv=None):
     study = Study(objects=args.objects, kinds=tuple(args.kinds.split(",")), turns=args.turns, steps=args.steps,
                   batch=args.batch, lr=args.lr, seed=args.seed, every=args.every,
                   warmup_steps=args.warmup_steps, answers=args.answers)
-    curve = run(study, tokenizer, heads=args.heads, init=args.init)
+    curve = run(study, tokenizer, heads=args.heads, init=args.init, layers=args.layers)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump([{"step": s, "accuracy": a} for s, a in curve], handle, indent=1)

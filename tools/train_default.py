@@ -57,12 +57,15 @@ MODEL = dict(
 # Per stage: which curriculum files (with how many copies), steps, batch size and learning rates.
 # Presets (trainable modules, merge sizes, DiffFP) come from trainer.config.STAGES unchanged.
 FULL = {
+    "model": MODEL,  # the tiny model's shape; a plan may change any of its keys
     "curriculum": dict(images=2000, videos=1000, texts=600),
     "pretrain": dict(data={"text": 1, "lm": 1}, steps=200, batch=16, lr=3e-3),
     # 800 steps leave shape 91% linearly readable from each shape's mean feature on held-out
     # images; 1600 steps 100% (one-shape "what shape" questions 53% -> 99%). background_weight
     # trains the background style too; off, as it did not reach the captions (`vision_pretrain`).
-    "vision": dict(steps=1600, batch=16, lr=1e-3, background_weight=0.0),
+    # scene_weight: every patch also reads out the whole scene's bindings; it needs a 128-wide
+    # encoder ("model" above), and the LLM still answered at 1 in n on several shapes (`vision_pretrain`).
+    "vision": dict(steps=1600, batch=16, lr=1e-3, background_weight=0.0, scene_weight=0.0),
     # Off (0 steps): encoder and projector pulled towards the LLM's words after stage 1
     # (`vision_pretrain.align_projector`). With restated answers it gave image 49.8% / video 66.7%
     # against 48.4% / 73.3% without both (both at 800 vision steps); at 1600 vision steps restated
@@ -77,6 +80,7 @@ FULL = {
     4: dict(data={"video": 2, "image": 1, "text": 1}, steps=300, batch=16, lr=dict(vision=1e-4, projector=5e-4, llm=5e-4)),
 }
 QUICK = {
+    "model": MODEL,
     "curriculum": dict(images=8, videos=4, texts=8),
     "pretrain": dict(data={"text": 1, "lm": 1}, steps=2, batch=4, lr=3e-3),
     "vision": dict(steps=2, batch=4, lr=1e-3),
@@ -269,7 +273,7 @@ def main(argv=None):
     write_lm_rows(data_dir)
     tokenizer = build_tokenizer(curriculum.corpus_text(paths) + [f"Time {t:.1f}s:" for t in range(200)])
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, shape=plan["model"])
     base = work / "base"
     model.save_pretrained(base)
     processor.save_pretrained(base)
