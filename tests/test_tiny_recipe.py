@@ -129,10 +129,21 @@ def test_evaluation_refuses_a_held_out_set_of_the_other_answer_style(tmp_path):
         evaluate_default.evaluate(str(tmp_path / "no-model"), data_dir=str(tmp_path), answers="short")
 
 
-def test_plan_sets_the_model_shape_and_the_scene_readout(tmp_path):
+def test_plan_sets_the_model_shape_and_the_scene_readout(tmp_path, monkeypatch):
+    from tools import vision_pretrain
+
+    seen = {}
+    pretrain = vision_pretrain.pretrain_vision
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(vision_pretrain, "pretrain_vision", recording)
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"model": {"num_key_value_heads": 4, "vision_layers": 1}, "vision": {"scene_weight": 1.0}}))
     out = train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--plan", str(plan)])
+    assert seen["scene_weight"] == 1.0 and seen["steps"] == train_default.QUICK["vision"]["steps"]
     config = json.loads((out / "config.json").read_text())
     assert config["num_key_value_heads"] == 4 and config["vision_encoder_config"]["num_hidden_layers"] == 1
     assert train_default.MODEL["num_key_value_heads"] == 2  # the default shape is not mutated
