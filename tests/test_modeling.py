@@ -412,3 +412,10 @@ def test_packed_sdpa_attends_per_sample_with_sdpas_gradients(model, tok):
         assert (ours(**packed).logits - expected).abs().max() < TOL
         batch = our_inputs(tok, samples[:2], img)  # left-padded, with an attention mask
         assert (ours(**batch).logits - model(**batch).logits).abs().max() < TOL
+
+
+def test_packed_sdpa_refuses_boundaries_for_a_padded_batch(model):
+    query = torch.zeros(2, 4, 6, 8)
+    with pytest.raises(ValueError, match="one packed row, but the batch has 2 rows"):
+        M.packed_sdpa_attention(model.model.layers[0].self_attn, query, query, query, None,
+                                cu_seq_lens_q=torch.tensor([0, 3, 6], dtype=torch.int32))

@@ -88,6 +88,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if cu_seq_lens_q is None:
         return sdpa(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q describes the samples of one packed row, but the batch has {query.shape[0]} rows")
     kwargs.pop("is_causal", None)
     bounds = cu_seq_lens_q.tolist()
     outputs = [
