@@ -112,17 +112,18 @@ def run(spec: TrainSpec = FULL, repeats: int = 3) -> list[Row]:
         loss_packed = ours(**packed[0], use_cache=False).loss.item()
     if abs(loss_padded - loss_packed) > 1e-3 * abs(loss_padded):
         raise RuntimeError(f"packed and padded losses differ: {loss_packed} vs {loss_padded}")
-    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, model)}
+    sides = {"packed": (ours, packed), "padded": (model, padded)}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, (m, _) in sides.items()}
 
-    def accumulation_step(m, batches):
-        for batch in batches:
+    def accumulation_step(name, first=None):
+        m, batches = sides[name]
+        for batch in batches[:first]:
             m(**batch, use_cache=False).loss.backward()
-        optimizers[id(m)].step()
-        optimizers[id(m)].zero_grad(set_to_none=True)
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
 
-    accumulation_step(ours, packed[:1]), accumulation_step(model, padded[:1])  # warm-up: allocator, optimizer state
-    stats = alternate({"packed": lambda: accumulation_step(ours, packed), "padded": lambda: accumulation_step(model, padded)},
-                      repeats, warmup=0)
+    accumulation_step("packed", 1), accumulation_step("padded", 1)  # warm-up: allocator, optimizer state
+    stats = alternate({name: (lambda name=name: accumulation_step(name)) for name in sides}, repeats, warmup=0)
     rate = {name: Stat([tokens / t for t in s.values]) for name, s in stats.items()}
     padded_tokens = sum(b["input_ids"].numel() for b in padded)
     case = (f"{spec.layers}x{spec.hidden} Qwen2 + vision, {spec.samples} samples in batches of {spec.batch}, "

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface, GenerationMixin, PreTrainedModel, Qwen2Model
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -107,11 +107,17 @@ AttentionMaskInterface.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"
 
 
 def packed_boundaries(position_ids: torch.Tensor) -> dict:
-    """Flash-attention's varlen kwargs for one packed row whose `position_ids` restart per sample."""
-    row = position_ids[0]
-    starts = torch.nonzero(row[1:] != row[:-1] + 1).flatten() + 1  # first token of every sample but the first
-    cu_seqlens = F.pad(torch.cat([starts, starts.new_tensor([row.numel()])]), (1, 0)).to(torch.int32)  # (samples + 1,)
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    """Flash-attention's varlen kwargs for one row of `position_ids` `(1, S)`; empty unless it is packed.
+
+    The samples are those of transformers' own packed mask (`find_packed_sequence_indices`: a new
+    sample wherever the positions do not go up by one), so per-sample attention matches it exactly.
+    """
+    samples = find_packed_sequence_indices(position_ids)  # (1, S) sample index of each token, None for one sample
+    if samples is None:
+        return {}
+    lengths = torch.bincount(samples[0])  # (samples,)
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (samples + 1,)
+    longest = int(lengths.max())
     return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest, "max_length_k": longest}
 
 
