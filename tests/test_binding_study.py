@@ -59,11 +59,14 @@ def test_run_reports_held_out_accuracy_per_kind_and_shape_count(tokenizer):
     assert all(0.0 <= value <= 1.0 for value in curve[-1][1].values())
 
 
-def test_llm_shape_takes_heads_and_layers(tokenizer):
+def test_llm_shape_takes_heads_layers_and_width(tokenizer):
     from tools import train_default
 
-    model = binding_study.build_llm(tokenizer, heads=8, init=None, layers=5)
+    model = binding_study.build_llm(tokenizer, heads=8, init=None, layers=5, width=64)
     assert model.config.num_hidden_layers == 5 and len(model.model.layers) == 5
     assert model.config.num_attention_heads == 8 and model.config.num_key_value_heads == 4
+    assert model.config.hidden_size == 64 and model.model.layers[0].mlp.up_proj.out_features == 256
+    assert model.get_input_embeddings().weight.shape[1] == 64
     default = binding_study.build_llm(tokenizer, heads=4, init=None)
     assert default.config.num_hidden_layers == train_default.MODEL["num_hidden_layers"]
+    assert default.config.hidden_size == train_default.MODEL["hidden_size"]

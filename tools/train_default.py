@@ -58,6 +58,13 @@ MODEL = dict(
 # Presets (trainable modules, merge sizes, DiffFP) come from trainer.config.STAGES unchanged.
 FULL = {
     "model": MODEL,  # the tiny model's shape; a plan may change any of its keys
+    # A 256-wide LLM with 8 heads (on symbolic scenes it learns colour by shape within 200 steps, the
+    # 128-wide one not in 1000) makes a stage-2 step 0.63-0.66 s. Paid for with stages 2 / 3 / 4 at
+    # 350 / 300 / 150 steps (stage 2 on captions and image questions 1:2) it gave image 61.1% / video
+    # 55.8% in 914 s; at 650 / 350 / 150 steps image 67.4% / video 63.3% in 1100 s, with colour on
+    # two / three shapes 65% / 56%: the first lookup above 1 in n on real images besides shape by
+    # colour, but too few video steps. At 600 / 350 / 250 steps (1080 s) image 71.6% (colour on two /
+    # three shapes 83% / 62%, shape 95% / 96%, position still 1 in n) and video 67.5% (just short).
     # Six question turns per image row instead of three (with stages 2 / 3 cut to 700 / 650 steps to
     # stay near 20 minutes) gave image 54.5% / video 73.3% in 1221 s: more questions a step did not
     # bring the lookups the binding study sees after about 1000 steps.
