@@ -78,12 +78,12 @@ seen is what the lookups wait for, not depth or the vision side.
 
 Width does what depth does not (`--width 256 --heads 8`, heads of 32 as in the recipe, fresh
 weights, seed 1, short answers, all kinds): colour by shape on two / three shapes 98% / 99% at step
-200, where the 128-wide LLM stays at 1 in n until about step 1000; position 83% / 58% at step 300;
-shape by colour still 45% / 29% at step 300. Restated, shape 100% at step 100 and position 70% / 65%
-at step 200. A step costs about 2.5 times as much. On real images the wider LLM did not carry this
-over (`tools.train_default`'s plan comments). Run to run, the study itself is a lottery: restated
-answers from a text-pretrained LLM (`--init`) reached shape 100% at step 400 with seed 1 and 32%
-with seed 2; with `--beta2 0.95` instead of 0.999, seed 2 reached 97% and seed 3 45%.
+200, where the 128-wide LLM is at 83% / 52% after 1000 steps; position 83% / 58% at step 300; shape
+by colour still 45% / 29% at step 300. Restated, shape 100% at step 100 and position 70% / 65% at
+step 200. A step costs about 2.5 times as much. On real images part of this carries over: colour by
+shape, not yet position (`tools.train_default`'s plan comments). Run to run, the study itself is a
+lottery: restated answers from a text-pretrained LLM (`--init`) reached shape 100% at step 400 with
+seed 1 and 32% with seed 2; with `--beta2 0.95` instead of 0.999, seed 2 reached 97% and seed 3 45%.
 
 In the real recipe (`tools.train_default --plan` with `{"curriculum": {"answers": "restated"}}`)
 restated answers alone gave held-out image 40.7% (one-shape colour 100%, but one-shape shape 70% and
