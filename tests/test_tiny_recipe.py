@@ -112,6 +112,17 @@ def test_evaluation_scores_every_held_out_question(run, tmp_path):
     assert result["scores"]["pruned"] == pytest.approx(1 - tokens["kept"] / tokens["total"])
 
 
+def test_evaluation_seed_chooses_the_held_out_set(run, tmp_path):
+    from tools import curriculum, evaluate_default
+
+    out, _ = run
+    for name, argv in (("seven", ["--seed", "7"]), ("default", [])):
+        evaluate_default.main(["--model", str(out), "--images", "2", "--videos", "1", "--data-dir", str(tmp_path / name)] + argv)
+    curriculum.generate(tmp_path / "direct", seed=7, images=2, videos=1, texts=0)
+    held_out = {name: (tmp_path / name / "eval.jsonl").read_text() for name in ("seven", "default", "direct")}
+    assert held_out["seven"] == held_out["direct"] != held_out["default"]
+
+
 def test_temporal_answers_count_within_one_second():
     from tools.evaluate_default import is_correct
 

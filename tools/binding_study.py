@@ -6,12 +6,12 @@ about one time in n. This study isolates the LLM from vision. Each scene is a 6x
 symbolic visual tokens, standing in for the projector's output: a token covered by a shape is the
 sum of the LLM's word embeddings of its colour, its kind and its quadrant ("red" + "square" + "top"
 + "left"), a background token is the embedding of the background style, plus Gaussian noise. The
-LLM alone (a freshly initialised copy of the recipe's tiny Qwen2, or one loaded from a checkpoint)
+LLM alone (a freshly initialised tiny Qwen2 of `train_default.MODEL`'s shape, or one loaded from a checkpoint)
 is trained on the curriculum's questions about such scenes and scored on held-out scenes, per
 question kind and per number of shapes (answers exact, teacher-forced).
 
     python -m tools.binding_study --objects 2 --kinds colour --heads 16   # the simplest binding
-    python -m tools.binding_study --heads 4                               # the recipe's LLM
+    python -m tools.binding_study --heads 4                               # the 128-wide tiny LLM
     python -m tools.binding_study --answers restated --kinds colour,shape,position,count,colours,caption
 
 This tool (tied embeddings, as the recipe then was), two shapes, colour questions, 400 steps:
@@ -67,7 +67,7 @@ the tokens that match the word just written. That is learnt at once:
   after its shape) brought colour to 100% at step 300 with seed 1, and 74% at step 500 with seed 2;
 * 8 heads of width 16 instead of 4 did not help (colour 60% at step 800).
 
-Short answers, all kinds, 4 heads, seed 1, untied embeddings (the recipe's LLM now), measured at
+Short answers, all kinds, 4 heads, seed 1, untied embeddings (the recipe's LLM until it was widened), measured at
 1 and 2 threads with identical numbers: shape by colour ("What shape is the red object?") is learnt
 between steps 300 and 500 (three shapes 98%), as in the real model, while colour by shape and
 position stay at 1 in n. With 6 layers instead of 3 nothing is learnt by step 500 (shape 49% / 31%
@@ -80,10 +80,15 @@ Width does what depth does not (`--width 256 --heads 8`, heads of 32 as in the r
 weights, seed 1, short answers, all kinds): colour by shape on two / three shapes 98% / 99% at step
 200, where the 128-wide LLM is at 83% / 52% after 1000 steps; position 83% / 58% at step 300; shape
 by colour still 45% / 29% at step 300. Restated, shape 100% at step 100 and position 70% / 65% at
-step 200. A step costs about 2.5 times as much. On real images part of this carries over: colour by
-shape, not yet position (`tools.train_default`'s plan comments). Run to run, the study itself is a
+step 200. A step costs about 2.5 times as much. On real images part of this carries over, and the
+recipe now uses the 256-wide LLM: colour by shape in some runs, position in others
+(`tools.train_default`'s plan comments). Run to run, the study itself is a
 lottery: restated answers from a text-pretrained LLM (`--init`) reached shape 100% at step 400 with
 seed 1 and 32% with seed 2; with `--beta2 0.95` instead of 0.999, seed 2 reached 97% and seed 3 45%.
+Starting the 256-wide LLM from the recipe's text pretraining (seed 0, short answers, captions in the
+mix, batch 32) was slower still: after 300 steps (1.2 s each) colour 31%, shape 32%, position 41%,
+even on one-shape scenes colour 33% and shape 50%, so a symbolic-scene phase before stage 1 (as a
+stand-in for what Qwen2.5 brings) would cost more than the recipe's 20 minutes allow.
 
 In the real recipe (`tools.train_default --plan` with `{"curriculum": {"answers": "restated"}}`)
 restated answers alone gave held-out image 40.7% (one-shape colour 100%, but one-shape shape 70% and
@@ -212,8 +217,8 @@ def embed_batch(scenes: list[Scene], embeddings: torch.nn.Embedding, pad: int, n
 
 
 def build_llm(tokenizer, heads: int, init: str | None, layers: int | None = None, width: int | None = None):
-    """The recipe's tiny model with `heads` attention heads (and `layers` decoder layers and hidden
-    size `width`, MLP 4x as wide, both default the recipe's), or the model saved at `init`; only its
+    """A tiny model of `train_default.MODEL`'s shape with `heads` attention heads (and `layers` decoder
+    layers and hidden size `width`, MLP 4x as wide, both default that shape's), or the model saved at `init`; only its
     LLM is used."""
     from tools import train_default
 
@@ -287,8 +292,8 @@ def main(argv=None):
     parser.add_argument("--tokenizer", default=str(REPO_ROOT / "tiny_model"), help="folder with the recipe's tokenizer")
     parser.add_argument("--init", default=None, help="start from this checkpoint's LLM instead of fresh weights")
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the recipe's)")
-    parser.add_argument("--width", type=int, default=None, help="LLM hidden size, MLP 4x (default: the recipe's)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: train_default.MODEL's)")
+    parser.add_argument("--width", type=int, default=None, help="LLM hidden size, MLP 4x (default: train_default.MODEL's, 128)")
     parser.add_argument("--objects", type=int, default=0, help="shapes per scene (0: one to three)")
     parser.add_argument("--kinds", default="colour,shape,position,count")
     parser.add_argument("--answers", choices=curriculum.ANSWER_STYLES, default="short")

@@ -2,6 +2,7 @@
 
     python -m tools.evaluate_default                       # ./tiny_model, 150 images, 60 videos
     python -m tools.evaluate_default --model /tmp/t --images 20 --videos 10
+    python -m tools.evaluate_default --seed 20240918                # a second held-out set
 
 The held-out set comes from `tools.curriculum` with a seed the recipe never trains on. The
 checkpoint is loaded the way users load it (`AutoModelForCausalLM` / `AutoProcessor` with
@@ -155,12 +156,14 @@ def main(argv=None):
     parser.add_argument("--videos", type=int, default=60, help="held-out videos (2 questions each)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-dir", default=None, help="keep the held-out set here (default: a temporary folder)")
+    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED,
+                        help="seed of the held-out set (another seed gives a second, independent set)")
     parser.add_argument("--answers", choices=curriculum.ANSWER_STYLES, default="short",
                         help="style of the image answers the model was trained on")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
-    result = evaluate(args.model, args.images, args.videos, args.batch_size, data_dir=args.data_dir, verbose=args.verbose,
-                      answers=args.answers)
+    result = evaluate(args.model, args.images, args.videos, args.batch_size, seed=args.seed, data_dir=args.data_dir,
+                      verbose=args.verbose, answers=args.answers)
     for name, (right, total) in result["per_kind"].items():
         print(f"{name:>18}: {right}/{total} ({right / total:.0%})")
     tokens = result["video_tokens"]
