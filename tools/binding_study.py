@@ -6,8 +6,8 @@ about one time in n. This study isolates the LLM from vision. Each scene is a 6x
 symbolic visual tokens, standing in for the projector's output: a token covered by a shape is the
 sum of the LLM's word embeddings of its colour, its kind and its quadrant ("red" + "square" + "top"
 + "left"), a background token is the embedding of the background style, plus Gaussian noise. The
-LLM alone (a freshly initialised tiny Qwen2 of `train_default.MODEL`'s shape, or one loaded from a checkpoint)
-is trained on the curriculum's questions about such scenes and scored on held-out scenes, per
+LLM alone (a freshly initialised tiny Qwen2 of `train_default.MODEL`'s shape, or one loaded from a
+checkpoint) is trained on the curriculum's questions about such scenes and scored on held-out scenes, per
 question kind and per number of shapes (answers exact, teacher-forced).
 
     python -m tools.binding_study --objects 2 --kinds colour --heads 16   # the simplest binding
@@ -67,8 +67,8 @@ the tokens that match the word just written. That is learnt at once:
   after its shape) brought colour to 100% at step 300 with seed 1, and 74% at step 500 with seed 2;
 * 8 heads of width 16 instead of 4 did not help (colour 60% at step 800).
 
-Short answers, all kinds, 4 heads, seed 1, untied embeddings (the recipe's LLM until it was widened), measured at
-1 and 2 threads with identical numbers: shape by colour ("What shape is the red object?") is learnt
+Short answers, all kinds, 4 heads, seed 1, untied embeddings (the recipe's LLM until it was
+widened), measured at 1 and 2 threads with identical numbers: shape by colour ("What shape is the red object?") is learnt
 between steps 300 and 500 (three shapes 98%), as in the real model, while colour by shape and
 position stay at 1 in n. With 6 layers instead of 3 nothing is learnt by step 500 (shape 49% / 31%
 on two / three shapes). Longer, the other lookups come, unsteadily at the constant lr: colour on
@@ -217,9 +217,9 @@ def embed_batch(scenes: list[Scene], embeddings: torch.nn.Embedding, pad: int, n
 
 
 def build_llm(tokenizer, heads: int, init: str | None, layers: int | None = None, width: int | None = None):
-    """A tiny model of `train_default.MODEL`'s shape with `heads` attention heads (and `layers` decoder
-    layers and hidden size `width`, MLP 4x as wide, both default that shape's), or the model saved at `init`; only its
-    LLM is used."""
+    """A tiny model of `train_default.MODEL`'s shape with `heads` attention heads (and `layers`
+    decoder layers and hidden size `width`, MLP 4x as wide, both default that shape's), or the model
+    saved at `init`; only its LLM is used."""
     from tools import train_default
 
     if init:

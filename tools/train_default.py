@@ -67,7 +67,7 @@ FULL = {
     # 350 / 300 / 150 steps image 61.1% / video 55.8%, 650 / 350 / 150 67.4% / 63.3%, 600 / 350 / 250
     # 71.6% / 67.5%.
     "model": dict(MODEL, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4),
-    # Six question turns per image row instead of three (with stages 2 / 3 cut to 700 / 650 steps to
+    # 128-wide: six question turns per image row instead of three (with stages 2 / 3 cut to 700 / 650 steps to
     # stay near 20 minutes) gave image 54.5% / video 73.3% in 1221 s: more questions a step did not
     # bring the lookups the binding study sees after about 1000 steps.
     "curriculum": dict(images=2000, videos=1000, texts=600),
@@ -213,7 +213,8 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
         "--logging_steps", "25", "--save_strategy", "no", "--report_to", "none", "--seed", str(SEED),
         "--dataloader_num_workers", "0", "--disable_tqdm", "true",
         # Packed rows (the trainer's default): each sample attends on its own (`videollama3_packed_sdpa`)
-        # and no step computes padding; 40 stage-3 steps took 30 s against 43 s padded, same losses.
+        # and no step computes padding; 40 stage-3 steps took 30 s against 43 s padded, with losses
+        # equal to 1e-7 (only the float rounding differs).
         "--multimodal_packing", "true", "--lr_scheduler_type", plan.get("scheduler", "cosine"),
     ]
     if stage == "pretrain":
