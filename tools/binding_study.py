@@ -7,8 +7,8 @@ symbolic visual tokens, standing in for the projector's output: a token covered 
 sum of the LLM's word embeddings of its colour, its kind and its quadrant ("red" + "square" + "top"
 + "left"), a background token is the embedding of the background style, plus Gaussian noise. The
 LLM alone (a freshly initialised tiny Qwen2 of `train_default.MODEL`'s shape, or one loaded from a
-checkpoint) is trained on the curriculum's questions about such scenes and scored on held-out scenes, per
-question kind and per number of shapes (answers exact, teacher-forced).
+checkpoint) is trained on the curriculum's questions about such scenes and scored on held-out
+scenes, per question kind and per number of shapes (answers exact, teacher-forced).
 
     python -m tools.binding_study --objects 2 --kinds colour --heads 16   # the simplest binding
     python -m tools.binding_study --heads 4                               # the 128-wide tiny LLM
@@ -68,13 +68,13 @@ the tokens that match the word just written. That is learnt at once:
 * 8 heads of width 16 instead of 4 did not help (colour 60% at step 800).
 
 Short answers, all kinds, 4 heads, seed 1, untied embeddings (the recipe's LLM until it was
-widened), measured at 1 and 2 threads with identical numbers: shape by colour ("What shape is the red object?") is learnt
-between steps 300 and 500 (three shapes 98%), as in the real model, while colour by shape and
-position stay at 1 in n. With 6 layers instead of 3 nothing is learnt by step 500 (shape 49% / 31%
-on two / three shapes). Longer, the other lookups come, unsteadily at the constant lr: colour on
-two / three shapes 67% / 49% at step 750, 83% / 52% at 1000, 81% / 64% at 1250, 69% / 42% at 1500;
-position 48% / 33% until step 1000, then 72% / 61% at 1500. The number of multi-shape questions
-seen is what the lookups wait for, not depth or the vision side.
+widened), measured at 1 and 2 threads with identical numbers: shape by colour ("What shape is the
+red object?") is learnt between steps 300 and 500 (three shapes 98%), as in the real model, while
+colour by shape and position stay at 1 in n. With 6 layers instead of 3 nothing is learnt by step
+500 (shape 49% / 31% on two / three shapes). Longer, the other lookups come, unsteadily at the
+constant lr: colour on two / three shapes 67% / 49% at step 750, 83% / 52% at 1000, 81% / 64% at
+1250, 69% / 42% at 1500; position 48% / 33% until step 1000, then 72% / 61% at 1500. The number of
+multi-shape questions seen is what the lookups wait for, not depth or the vision side.
 
 Width does what depth does not (`--width 256 --heads 8`, heads of 32 as in the recipe, fresh
 weights, seed 1, short answers, all kinds): colour by shape on two / three shapes 98% / 99% at step
@@ -293,7 +293,7 @@ def main(argv=None):
     parser.add_argument("--init", default=None, help="start from this checkpoint's LLM instead of fresh weights")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: train_default.MODEL's)")
-    parser.add_argument("--width", type=int, default=None, help="LLM hidden size, MLP 4x (default: train_default.MODEL's, 128)")
+    parser.add_argument("--width", type=int, default=None, help="LLM hidden size, MLP 4x (default: train_default.MODEL's)")
     parser.add_argument("--objects", type=int, default=0, help="shapes per scene (0: one to three)")
     parser.add_argument("--kinds", default="colour,shape,position,count")
     parser.add_argument("--answers", choices=curriculum.ANSWER_STYLES, default="short")

@@ -58,19 +58,19 @@ MODEL = dict(
 # Per stage: which curriculum files (with how many copies), steps, batch size and learning rates.
 # Presets (trainable modules, merge sizes, DiffFP) come from trainer.config.STAGES unchanged.
 FULL = {
-    # A 256-wide LLM with 8 heads: on symbolic scenes it learns colour by shape within 200 steps, the
-    # 128-wide one not in 1000 (`binding_study`). Its steps cost about twice as much, so stages 1-4
-    # get 100 / 540 / 330 / 360 steps (the 128-wide LLM had 150 / 900 / 700 / 300, padded): image
-    # 67.8% / video 78.3% in 1103 s and, run again alone (identical weights), 1200 s: the machine's
-    # speed varies by about 10%. The 128-wide LLM gave 65.4% / 83.3%. Run to run, one plan spreads widely:
-    # 150 / 600 / 350 / 330 steps gave image 71.4% / video 75.8% padded and 66.8% / 67.5% packed,
-    # where only the float rounding differs. Earlier 256-wide splits (padded, stage 1 at 150 steps):
-    # 350 / 300 / 150 steps image 61.1% / video 55.8%, 650 / 350 / 150 67.4% / 63.3%, 600 / 350 / 250
-    # 71.6% / 67.5%.
+    # A 256-wide LLM with 8 heads: on symbolic scenes it learns colour by shape within 200
+    # steps, the 128-wide one not in 1000 (`binding_study`). Its steps cost about twice as much,
+    # so stages 1-4 get 100 / 540 / 330 / 360 steps (the 128-wide LLM had 150 / 900 / 700 / 300,
+    # padded): image 67.8% / video 78.3% in 1103 s and, run again alone (identical weights),
+    # 1200 s: the machine's speed varies by about 10%. The 128-wide LLM gave 65.4% / 83.3%. Run
+    # to run, one plan spreads widely: 150 / 600 / 350 / 330 steps gave image 71.4% / video
+    # 75.8% padded and 66.8% / 67.5% packed, where only the float rounding differs. Earlier
+    # 256-wide splits (padded, stage 1 at 150 steps): 350 / 300 / 150 steps image 61.1% / video
+    # 55.8%, 650 / 350 / 150 67.4% / 63.3%, 600 / 350 / 250 71.6% / 67.5%.
     "model": dict(MODEL, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4),
-    # 128-wide: six question turns per image row instead of three (with stages 2 / 3 cut to 700 / 650 steps to
-    # stay near 20 minutes) gave image 54.5% / video 73.3% in 1221 s: more questions a step did not
-    # bring the lookups the binding study sees after about 1000 steps.
+    # 128-wide: six question turns per image row instead of three (with stages 2 / 3 cut to 700
+    # / 650 steps to stay near 20 minutes) gave image 54.5% / video 73.3% in 1221 s: more
+    # questions a step did not bring the lookups the binding study sees after about 1000 steps.
     "curriculum": dict(images=2000, videos=1000, texts=600),
     "pretrain": dict(data={"text": 1, "lm": 1}, steps=200, batch=16, lr=3e-3),
     # 800 steps leave shape 91% linearly readable from each shape's mean feature on held-out
