@@ -104,6 +104,20 @@ minutes; neither change is in the recipe. Keeping encoder and projector nearly s
 steps one-shape "what shape" questions were 53% right (63-70% with restated answers) and a linear
 probe on the encoder's mean feature of each shape read it 91% right; with 1600 steps (the recipe
 now) the probe reads 100%, and the model answers "what shape" 99% right, also among three shapes.
+
+After stage 2 of the 256-wide recipe the visual tokens are still not the limit: a linear probe on
+each projected token of held-out images reads the kind of the shape covering it 98% right, its
+colour 100% and its quadrant 98%. The LLM looks up by colour ("What shape is the red object?" 100%
+/ 99% on two / three shapes) but not by kind ("What colour is the square?" 36% / 32%) nor for
+positions (56% / 36%). At the answer position two last-layer heads attend more to the named shape
+than to the other one for shape questions (0.25 against 0.09 of their attention); for colour
+questions no head does. Of the variance of the tokens that cover shapes, colour explains 67% and
+kind 19%. Stage 2 run again from the same stage-1 checkpoint (one thread) gives the same picture.
+Each of these changes, stopped after stage 2, lost even the lookup by colour, and most lost
+one-shape colour or shape too: no text pretraining; text pretraining without the curriculum's
+answers; 8000 training images instead of 2000; 16 heads of 16; the word alignment before stage 2;
+extra training answers naming each shape's colour in kind order ("circle red, square blue."); an
+LLM learning rate of 2e-3 (constant) or 3e-3.
 """
 
 import argparse
