@@ -26,6 +26,7 @@ from typing import TypedDict
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import ImageProcessingMixin
@@ -402,8 +403,8 @@ class VideoFile:
         filled, next_pick = 0, 0
         wanted = set(self._pts)
         # One swscale context for the whole clip: `frame.to_ndarray(width=..., height=...)` builds a
-        # new one per frame, about 8 ms each for a 112 px frame against 0.3 ms reused (same pixels).
-        reformatter = av.video.reformatter.VideoReformatter()
+        # new one per frame, 0.84 ms for a 112 px frame against 0.06 ms reused (same pixels).
+        reformatter = VideoReformatter()
         with self._opener.open() as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # frame + slice threads: decoding is most of the cost
