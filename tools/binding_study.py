@@ -116,10 +116,10 @@ kind 19%. Stage 2 run again from the same stage-1 checkpoint (one thread) gives 
 Each of these changes, stopped after stage 2, lost even the lookup by colour, and most lost
 one-shape colour or shape too: no text pretraining; text pretraining without the curriculum's
 answers; 8000 training images instead of 2000; 16 heads of 16; the word alignment before stage 2;
-extra training answers naming each shape's colour in kind order ("circle red, square blue."); an
-LLM learning rate of 2e-3 (constant) or 3e-3. Weighting the kind read-out 4x in the vision
-pretraining did not make kind more salient (16% of the variance after stage 2) and left colour by
-kind at chance (40% / 29%).
+extra training answers listing each shape's colour, and its quadrant, in kind order ("circle red,
+square blue."); an LLM learning rate of 2e-3 (constant) or 3e-3. Weighting the kind read-out 4x
+in the vision pretraining did not make kind more salient (16% of the variance after stage 2) and
+left colour by kind at chance (40% / 29%).
 """
 
 import argparse
