@@ -63,7 +63,7 @@ FULL = {
     # so stages 1-4 get 100 / 540 / 330 / 360 steps (the 128-wide LLM had 150 / 900 / 700 / 300,
     # padded): image 67.8% / video 78.3% in 1103 s and, run again alone (identical weights),
     # 1200 s: the machine's speed varies by about 10%. With one swscale context per clip
-    # (identical weights again) 1057 s. The 128-wide LLM gave 65.4% / 83.3%. Run
+    # (identical weights again) 1057 s and 1124 s. The 128-wide LLM gave 65.4% / 83.3%. Run
     # to run, one plan spreads widely: 150 / 600 / 350 / 330 steps gave image 71.4% / video
     # 75.8% padded and 66.8% / 67.5% packed, where only the float rounding differs. Earlier
     # 256-wide splits (padded, stage 1 at 150 steps): 350 / 300 / 150 steps image 61.1% / video
