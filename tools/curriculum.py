@@ -315,8 +315,6 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
 
     * `image.jsonl`: one line per image with up to `turns` question turns (caption included
       with probability 1/2); `caption.jsonl`: the same images with only their caption;
-    * `single.jsonl`: every question but the caption about the one-shape images, one per line (the
-      easy end of the curriculum: nothing to tell apart inside the image);
     * `vision.jsonl`: one line per image with its `objects` (colour, shape, quadrant) and its
       `background` style, for the vision pretraining and alignment that stand in for SigLIP
       (`tools.vision_pretrain`);
@@ -332,7 +330,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rows = {"image": [], "single": [], "caption": [], "vision": [], "video": [], "text": [], "eval": []}
+    rows = {"image": [], "caption": [], "vision": [], "video": [], "text": [], "eval": []}
 
     for i in range(images):
         pixels, shapes, quadrants, style = make_image(rng)
@@ -343,9 +341,6 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
         chosen = [qa[j] for j in order[:turns]]
         rows["image"].append({"image": [rel], "conversations": conversation("<image>", [(q, a) for _, q, a in chosen])})
         caption = qa[-1]
-        if len(shapes) == 1:
-            rows["single"] += [{"image": [rel], "conversations": conversation("<image>", [(q, a)])}
-                               for kind, q, a in qa if kind != "caption"]
         objects = [{"colour": s.colour, "shape": s.kind, "quadrant": QUADRANTS[q]} for s, q in zip(shapes, quadrants)]
         rows["vision"].append({"image": rel, "objects": objects, "background": style})
         rows["caption"].append({"image": [rel], "conversations": conversation("<image>", [caption[1:]])})
