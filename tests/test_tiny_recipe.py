@@ -83,6 +83,26 @@ def test_loads_with_auto_classes_and_answers(run):
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
 
+def test_images_are_served_at_the_last_stages_merge_size(run):
+    """The packaged processor merges images as stage 4 trained them; the stage checkpoints keep the default."""
+    from transformers import AutoProcessor
+
+    from trainer.config import STAGES
+
+    out, work = run
+    served = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    trained = AutoProcessor.from_pretrained(work / "stage4", trust_remote_code=True)
+    assert (served.image_merge_size, trained.image_merge_size) == (STAGES[4]["image_merge_size"], 1)
+    image = sorted((work / "data" / "images").glob("*.png"))[0]
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "Hi"}]}]
+    merges = [p.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                    return_tensors="pt")["merge_sizes"].tolist() for p in (served, trained)]
+    assert merges == [[2], [1]]
+    written = json.loads((out / "processor_config.json").read_text())
+    assert {k: v for k, v in written.items() if k != "image_merge_size"} == {
+        k: v for k, v in json.loads((work / "stage4" / "processor_config.json").read_text()).items() if k != "image_merge_size"}
+
+
 def test_embedded_default_carries_the_current_remote_code():
     """`trust_remote_code` runs the copies inside `tiny_model/`; they must not drift from the root.
     After changing a remote-code file, copy it into tiny_model/ (or re-run the recipe)."""

@@ -20,7 +20,8 @@ Steps, mirroring how the real model was made at a scale a laptop can run:
    Off unless `--plan` turns it on: between stages 1 and 2, encoder and projector pulled towards
    the LLM's embeddings of the words naming each patch (`vision_pretrain.align_projector`).
 6. The stage-4 checkpoint is copied to `--out` in the Hub layout (config with `auto_map`,
-   `model.safetensors`, processor, tokenizer, chat template, the four remote-code files).
+   `model.safetensors`, processor, tokenizer, chat template, the four remote-code files); its
+   processor serves images at stage 4's merge size (2x2), the size the model was last trained at.
 
 The differences to the official recipe, all forced by scale: stand-ins for the pretrained SigLIP
 and Qwen2.5 weights, a few hundred steps instead of epochs over millions of samples, learning
@@ -250,12 +251,19 @@ def run_vision_pretraining(step: str, model_dir: Path, data_root: Path, out_dir:
     return losses
 
 
-def package(stage_dir: Path, out: Path) -> None:
-    """Copy the final checkpoint to `out`, dropping trainer-only files; the model card is its README."""
+def package(stage_dir: Path, out: Path, image_merge_size: int) -> None:
+    """Copy the final checkpoint to `out`, dropping trainer-only files; the model card is its README.
+
+    `image_merge_size` is written into the processor config: the merge size images are served at.
+    """
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(stage_dir, out, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*", "runs"))
     shutil.copyfile(REPO_ROOT / "model_card.md", out / "README.md")
+    path = out / "processor_config.json"
+    config = json.loads(path.read_text())
+    config["image_merge_size"] = image_merge_size
+    path.write_text(json.dumps(config, indent=2) + "\n")  # the layout `save_pretrained` writes
 
 
 def main(argv=None):
@@ -311,7 +319,14 @@ def main(argv=None):
         logger.info("stage %s done in %.0f s; loss %s", stage, timings[f"stage {stage}"],
                     [round(x, 3) for x in losses[stage][:1] + losses[stage][-1:]])
 
-    package(previous, out)
+    # Images are served at the merge size of the last stage (stage 4: 2x2), not the official
+    # processor's 1: the official model saw millions of images at 1 in stages 1-3, the tiny one a
+    # few thousand, and its last 360 steps at 2. The same weights answer image questions 67.8% right
+    # at 1 and 70.4% at 2 on the held-out set (67.8% and 71.4% on the second set), one-shape
+    # positions 82% and 100%.
+    from trainer.config import STAGES
+
+    package(previous, out, image_merge_size=STAGES[4]["image_merge_size"])
     if not args.keep_work:
         shutil.rmtree(work)
     total = time.time() - start
