@@ -460,7 +460,12 @@ class Videollama3Qwen2Model(Qwen2Model):
                             and position_ids.ndim == 2 and position_ids.shape[0] == 1)
         if one_unmasked_row and "cu_seq_lens_q" not in kwargs:
             # A packed row's sample boundaries, as flash-attention's varlen kwargs; PACKED_SDPA reads them too.
-            kwargs.update(packed_boundaries(position_ids))
+            boundaries = packed_boundaries(position_ids)
+            if boundaries and self.config._attn_implementation == PACKED_SDPA:
+                # PACKED_SDPA slices by these as Python ints in every layer: a host copy, made once
+                # here, keeps each layer from waiting on the device.
+                boundaries = {k: v.cpu() if torch.is_tensor(v) else v for k, v in boundaries.items()}
+            kwargs.update(boundaries)
         return super().forward(
             attention_mask=attention_mask,
             position_ids=position_ids,
