@@ -58,35 +58,23 @@ MODEL = dict(
 
 # Per stage: which curriculum files (with how many copies), steps, batch size and learning rates.
 # Presets (trainable modules, merge sizes, DiffFP) come from trainer.config.STAGES unchanged.
+# Why each number is what it is, in short; the runs behind it are in `tools.binding_study`'s
+# docstring and the notes on the embedded-default issue. One plan run twice spreads by about 5
+# points (71.4% / 66.8% image where only float rounding differed), so single runs rank plans only
+# coarsely.
 FULL = {
-    # A 256-wide LLM with 8 heads: on symbolic scenes it learns colour by shape within 200
-    # steps, the 128-wide one not in 1000 (`binding_study`). Its steps cost about twice as much,
-    # so stages 1-4 get 100 / 540 / 330 / 360 steps (the 128-wide LLM had 150 / 900 / 700 / 300,
-    # padded): image 67.8% / video 78.3% in 1103 s and, run again alone (identical weights),
-    # 1200 s: the machine's speed varies by about 10%. With one swscale context per clip
-    # (identical weights again) 1057 s and 1124 s. The 128-wide LLM gave 65.4% / 83.3%. Run
-    # to run, one plan spreads widely: 150 / 600 / 350 / 330 steps gave image 71.4% / video
-    # 75.8% padded and 66.8% / 67.5% packed, where only the float rounding differs. Earlier
-    # 256-wide splits (padded, stage 1 at 150 steps): 350 / 300 / 150 steps image 61.1% / video
-    # 55.8%, 650 / 350 / 150 67.4% / 63.3%, 600 / 350 / 250 71.6% / 67.5%.
+    # 256 wide with 8 heads: on symbolic scenes it learns colour by shape within 200 steps, the
+    # 128-wide LLM not in 1000. Its steps cost about twice as much, hence 100 / 540 / 330 / 360
+    # steps for stages 1-4: 17.6-20 minutes on 2 cores (the machine's speed varies by about 10%).
     "model": dict(MODEL, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4),
-    # 128-wide: six question turns per image row instead of three (with stages 2 / 3 cut to 700
-    # / 650 steps to stay near 20 minutes) gave image 54.5% / video 73.3% in 1221 s: more
-    # questions a step did not bring the lookups the binding study sees after about 1000 steps.
+    # Three question turns per image row; six (with fewer steps to keep the time) did worse.
     "curriculum": dict(images=2000, videos=1000, texts=600),
     "pretrain": dict(data={"text": 1, "lm": 1}, steps=200, batch=16, lr=3e-3),
-    # 800 steps leave shape 91% linearly readable from each shape's mean feature on held-out
-    # images; 1600 steps 100% (one-shape "what shape" questions 53% -> 99%). background_weight
-    # trains the background style too; off, as it did not reach the captions (`vision_pretrain`).
-    # scene_weight: every patch also reads out the whole scene's bindings; it needs a 128-wide
-    # encoder ("model" above), and the LLM still answered at 1 in n on several shapes (`vision_pretrain`).
+    # 1600 steps make each shape's kind linearly readable (100% on held-out images; 91% at 800).
+    # background_weight and scene_weight (`vision_pretrain`) are off: neither reached the answers.
     "vision": dict(steps=1600, batch=16, lr=1e-3, background_weight=0.0, scene_weight=0.0),
-    # Off (0 steps): encoder and projector pulled towards the LLM's words after stage 1
-    # (`vision_pretrain.align_projector`). With restated answers it gave image 49.8% / video 66.7%
-    # against 48.4% / 73.3% without both (both at 800 vision steps); at 1600 vision steps restated
-    # answers gave 81.1% / 60.8% and, run again on one thread, 55.9% / 74.2%, with alignment 54.2% /
-    # 63.3%: the spread between runs of one plan is as wide as any effect, so neither is in the
-    # recipe; `--plan` turns them on.
+    # Off: pulling encoder and projector towards the LLM's words after stage 1
+    # (`vision_pretrain.align_projector`) did no better than run-to-run spread; `--plan` turns it on.
     "align": dict(steps=0, batch=16, lr=1e-3),
     # The official ratios: after (stand-in) SigLIP the encoder moves at a fraction of the rest.
     1: dict(data={"caption": 1}, steps=100, batch=16, lr=dict(vision=1e-4, projector=1e-3)),
