@@ -133,6 +133,9 @@ one-shape position 80%):
   variance of shape tokens after the vision pretraining, and the projected tokens after stage 2
   27%, 38% and 22% (E2: 67%, 19%). One-shape positions became 100% right, but colour was not learnt
   at all (19% even on one shape) and image questions fell to 55.4%.
+Restated answers (`--plan` with `{"curriculum": {"answers": "restated"}}`) with the 256-wide LLM, the
+whole recipe (1115 s): image 53.0% (colour 53%, position 31%, "What colour is each shape?" 27%,
+captions 5%) and video 56.7%, far below the short answers' 70.4% / 78.3%.
 Stage 4 does not cost the image questions: 65.3% after stage 2, 67.0% after stage 3 and 67.8%
 after stage 4 at merge size 1. Stage 4 trains images at merge size 2, and the final model scores
 70.4% served at 2 (71.4% on the second held-out set), which is how the recipe now packages it.
