@@ -65,7 +65,7 @@ MODEL = dict(
 FULL = {
     # 256 wide with 8 heads: on symbolic scenes it learns colour by shape within 200 steps, the
     # 128-wide LLM not in 1000. Its steps cost about twice as much, hence 100 / 540 / 330 / 360
-    # steps for stages 1-4: 17.6-20 minutes on 2 cores (the machine's speed varies by about 10%).
+    # steps for stages 1-4: 16.5-20 minutes on 2 cores (the machine's speed varies by about 10%).
     "model": dict(MODEL, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4),
     # Three question turns per image row; six (with fewer steps to keep the time) did worse.
     "curriculum": dict(images=2000, videos=1000, texts=600),
