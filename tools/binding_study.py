@@ -131,8 +131,11 @@ one-shape position 80%):
 * the encoder's output whitened before stage 1 (its covariance folded into the projector's first
   linear, shrunk by the mean eigenvalue): colour, kind and quadrant had 31%, 50% and 2% of the
   variance of shape tokens after the vision pretraining, and the projected tokens after stage 2
-  27%, 38% and 22% (E2: 67%, 19%). One-shape positions became 100% right, but colour was not learnt
-  at all (19% even on one shape) and image questions fell to 55.4%.
+  27%, 38% and 22% (E2, same measure on 400 training images: 62%, 21%, 5%). One-shape positions
+  became 100% right, but colour was not learnt at all (19% even on one shape) and image questions
+  fell to 55.4%. After stages 3 and 4 (images served at merge size 2): image 70.3% / 71.9% on the
+  two held-out sets, as E2 (70.4% / 71.4%), video 69.2%, colour among two / three shapes still at
+  50% / 32%. Kind as the most salient feature does not bring the lookup by kind either.
 Restated answers (`--plan` with `{"curriculum": {"answers": "restated"}}`) with the 256-wide LLM, the
 whole recipe (1115 s): image 53.0% (colour 53%, position 31%, "What colour is each shape?" 27%,
 captions 5%) and video 56.7%, far below the short answers' 70.4% / 78.3%.
