@@ -121,26 +121,26 @@ def packed_boundaries(position_ids: torch.Tensor) -> dict:
     return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest, "max_length_k": longest}
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on `(n, H, hd)` by `(n, 1, hd)` angles, in float32: bf16 angles lose the low bits that
-    distinguish neighbouring positions.
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on `(n, H, hd)` by `(n, 1, hd)` angles (`Videollama3VisionRotaryEmbedding`), in float32:
+    bf16 angles lose the low bits that distinguish neighbouring positions.
 
     `x * cos + rotate_half(x) * sin`, where rotate_half(x) = (-x2, x1), written as one flip of the
-    halves with the sign moved into the small `sin`: no negated and concatenated copy of `x`. The
-    products and the sum are rounded as in the textbook form, so results (and the embedded
-    default's training) are bit-identical to it; a fused multiply-add is 2.5x faster but rounds
-    differently, and a recipe run with it scored 64.3% on image questions instead of 70.4%.
+    halves times `signed_sin` (sin with its first half negated, made once per forward): no negated
+    and concatenated copy of `x`. The products and the sum are rounded as in the textbook form, so
+    results (and the embedded default's training) are bit-identical to it; a fused multiply-add is
+    2.5x faster but rounds differently, and a recipe run with it scored 64.3% on image questions
+    instead of 70.4%.
     """
     xf = x.float()
     half = xf.shape[-1] // 2
     swapped = xf.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (n, H, hd): (x2, x1)
-    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # (n, 1, hd)
     return (xf * cos + swapped * signed_sin).to(x.dtype)
 
 
-def apply_rope(q, k, cos, sin):
+def apply_rope(q, k, cos, signed_sin):
     """Rotate `(n, H, hd)` queries and keys (`rotate`)."""
-    return rotate(q, cos, sin), rotate(k, cos, sin)
+    return rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
 
 
 class Videollama3VisionRotaryEmbedding(nn.Module):
@@ -166,8 +166,10 @@ class Videollama3VisionRotaryEmbedding(nn.Module):
             cols = torch.arange(w, device=device).view(1, w // m, 1, m).expand(h // m, w // m, m, m)
             frame = torch.cat([rows.reshape(-1, 1) * inv_freq, cols.reshape(-1, 1) * inv_freq], dim=-1)  # (L, hd/2)
             angles.append(frame.repeat(t, 1))  # (t*L, hd/2): no temporal position, every frame alike
-        angles = torch.cat(angles).repeat(1, 2)[:, None, :]  # (N, 1, hd)
-        return angles.cos(), angles.sin()
+        angles = torch.cat(angles)[:, None, :]  # (N, 1, hd/2)
+        sin = angles.sin()
+        # Both halves of the head turn by the same angles; `rotate` wants sin's first half negated.
+        return angles.cos().repeat(1, 1, 2), torch.cat([-sin, sin], dim=-1)  # 2 x (N, 1, hd)
 
 
 class Videollama3VisionEmbeddings(nn.Module):
@@ -333,7 +335,7 @@ class Videollama3VisionEncoderModel(PreTrainedModel):
 
         device = pixel_values.device
         plan = VisionAttentionPlan.from_grids(grids, self.num_heads, device)
-        rope = self.rotary(grids, merges, device)  # 2 x (N, 1, hd)
+        rope = self.rotary(grids, merges, device)  # cos, signed sin: 2 x (N, 1, hd)
         hidden_states = self.embeddings(pixel_values)  # (N, D_v)
         hidden_states = self.encoder(hidden_states, rope, plan)  # (N, D_v)
         hidden_states = self.post_layernorm(hidden_states)  # (N, D_v)

@@ -248,10 +248,10 @@ def package(stage_dir: Path, out: Path, image_merge_size: int) -> None:
         shutil.rmtree(out)
     shutil.copytree(stage_dir, out, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*", "runs"))
     shutil.copyfile(REPO_ROOT / "model_card.md", out / "README.md")
-    path = out / "processor_config.json"
-    config = json.loads(path.read_text())
-    config["image_merge_size"] = image_merge_size
-    path.write_text(json.dumps(config, indent=2) + "\n")  # the layout `save_pretrained` writes
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(stage_dir, trust_remote_code=True, image_merge_size=image_merge_size)
+    processor.save_pretrained(out)
 
 
 def main(argv=None):
