@@ -55,13 +55,16 @@ def check_qlora_supported():
 
 
 def load_model(path: str, args=None, **kwargs):
-    """`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` in fp32, or 4-bit for QLoRA.
+    """`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs)` in fp32, or 4-bit for QLoRA.
+
+    `kwargs` are TRL's `model_init_kwargs` (`--model_init_kwargs '{"attn_implementation": "flash_attention_2"}'`).
 
     With `args.load_in_4bit`, only the LLM's linears are quantized (NF4, bf16 compute); the vision
     encoder, projector and LM head stay in bf16.
     """
     from transformers import AutoModelForCausalLM
 
+    kwargs["trust_remote_code"] = True  # the model class lives in the checkpoint's remote code
     if args is not None and args.load_in_4bit:
         check_qlora_supported()
         from peft import prepare_model_for_kbit_training
@@ -75,11 +78,11 @@ def load_model(path: str, args=None, **kwargs):
             llm_int8_skip_modules=["vision_encoder", "mm_projector", "lm_head"],
         )
         kwargs.setdefault("dtype", torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.activation_checkpointing))
     # Full-weight training keeps fp32 master weights; `bf16=True` then means mixed precision (autocast).
     kwargs.setdefault("dtype", torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, base_model_dir: str | None = None) -> str:

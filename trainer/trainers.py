@@ -108,7 +108,7 @@ class Videollama3Trainer(SFTTrainer):
         if isinstance(model, (str, os.PathLike)):
             from .lora import load_model
 
-            model = load_model(str(model), args)
+            model = load_model(str(model), args, **(args.model_init_kwargs or {}))
         if args.multimodal_packing:
             use_packed_attention(model)
         if processing_class is None:
