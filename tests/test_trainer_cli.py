@@ -97,10 +97,23 @@ def test_two_process_gloo_ddp_through_accelerate_launch(tmp_path, base_checkpoin
         "--data_root", str(media_root), "--output_dir", str(out), "--max_steps", "2",
         *TINY_FLAGS, "--per_device_train_batch_size", "1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    # The repository first, then whatever the caller's PYTHONPATH already holds (packages installed with --target).
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "training on 2 process(es)" in log, log[-4000:]
     assert "'loss'" in log, log[-4000:]
     assert (out / "model.safetensors").exists() and (out / "modeling_videollama3.py").exists()
+
+
+def test_model_init_kwargs_reach_from_pretrained(tmp_path, base_checkpoint, data_path, media_root):  # noqa: F811
+    """TRL's `--model_init_kwargs` JSON is how CLI users pick the attention (flash_attention_2 on GPUs)."""
+    trainer = main(["--stage", "3", "--model", base_checkpoint, "--data", data_path, "--data_root", str(media_root),
+                    "--output_dir", str(tmp_path / "eager"), "--max_steps", "1", *TINY_FLAGS,
+                    "--model_init_kwargs", '{"attn_implementation": "eager", "trust_remote_code": false}'])
+    model = trainer.model
+    assert model.config._attn_implementation == "eager"
+    assert model.model.vision_encoder.config._attn_implementation == "eager"
+    assert trainer.state.global_step == 1
