@@ -43,10 +43,11 @@ def device_peak(name: str) -> float | None:
     return None
 
 
-def flash_available() -> bool:
+def flash_available(device) -> bool:
+    """flash-attn kernels run on CUDA only; an installed flash_attn must not be picked for the CPU dry run."""
     from transformers.utils import is_flash_attn_2_available
 
-    return is_flash_attn_2_available()
+    return device.type == "cuda" and is_flash_attn_2_available()
 
 
 def sync(device):
@@ -73,7 +74,7 @@ def time_calls(fn, device, repeats: int, warmup: int = 1) -> Stat:
 def vision_rows(spec: VisionSpec, device, dtype, repeats: int) -> tuple[list[Row], dict]:
     pixel_values, grid, merge = inputs(spec, dtype=dtype, device=device)
     stats, peaks = {}, {}
-    implementations = ["sdpa"] + (["flash_attention_2"] if flash_available() else [])
+    implementations = ["sdpa"] + (["flash_attention_2"] if flash_available(device) else [])
     for impl in implementations:
         ours, native = build_pair(spec, attn_implementation=impl, dtype=dtype, device=device)
         runs = {f"ours {impl}": lambda: ours(pixel_values, grid, merge)}
@@ -167,7 +168,7 @@ def training_flops(model, config, patches, merged, tokens, lengths, frames, patc
 
 
 def training_row(args, device, dtype) -> tuple[list[Row], dict]:
-    impl = "flash_attention_2" if flash_available() else "sdpa"
+    impl = "flash_attention_2" if flash_available(device) else "sdpa"
     if args.dry_run:
         shape = dict(text=TEXT_TOY, vision=VISION_TOY, samples=2, frames=2, grid=(4, 6), text_tokens=16)
     else:

@@ -57,10 +57,11 @@ def main(argv=None) -> int:
     parser.add_argument("--video", help="a video file of your own")
     parser.add_argument("--question", action="append", help="question to ask (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
 
     if args.image or args.video:

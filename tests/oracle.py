@@ -116,6 +116,19 @@ def our_inputs(tokenizer, samples, image_token_id, padding_side="left"):
     return inputs
 
 
+def packed_inputs(tokenizer, samples, image_token_id):
+    """`(samples alone, one packed row)`: the samples' ids end to end, position ids restarting at each."""
+    alone = [our_inputs(tokenizer, [sample], image_token_id) for sample in samples]
+    packed = {
+        "input_ids": torch.cat([a["input_ids"] for a in alone], dim=1),
+        "position_ids": torch.cat([torch.arange(a["input_ids"].shape[1]) for a in alone])[None],
+    }
+    for name in ("pixel_values", "grid_sizes", "merge_sizes", "compression_mask"):
+        if any(name in a for a in alone):
+            packed[name] = torch.cat([a[name] for a in alone if name in a])
+    return alone, packed
+
+
 def native_inputs(tokenizer, items, text, image_token_id, video_token_id):
     """The same single sample in the native port's input names."""
     ids = torch.tensor([prompt_ids(tokenizer, items, text, image_token_id, video_token_id)])

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from tests.oracle import image, native_inputs, native_twin, our_inputs, video
+from tests.oracle import image, native_inputs, native_twin, our_inputs, packed_inputs, video
 from tests.tiny import tiny_config, tiny_tokenizer
 from tools.local import REPO_ROOT, remote_module
 
@@ -353,13 +353,7 @@ def test_packed_row_in_training_matches_samples_alone(model, tok):
     torch.manual_seed(17)
     img = model.config.image_token_index
     samples = [([image(4, 4)], "first"), ([video(3, 4, 4, keep_fraction=0.5)], "second sample")]
-    alone = [our_inputs(tok, [sample], img) for sample in samples]
-    packed = {
-        "input_ids": torch.cat([a["input_ids"] for a in alone], dim=1),
-        "position_ids": torch.cat([torch.arange(a["input_ids"].shape[1]) for a in alone])[None],
-    }
-    for name in ("pixel_values", "grid_sizes", "merge_sizes", "compression_mask"):
-        packed[name] = torch.cat([a[name] for a in alone])
+    alone, packed = packed_inputs(tok, samples, img)
     for training in (True, False):
         model.train(training)
         try:
@@ -380,13 +374,7 @@ def test_packed_sdpa_attends_per_sample_with_sdpas_gradients(model, tok):
     torch.manual_seed(18)
     img = model.config.image_token_index
     samples = [([image(4, 4)], "first"), ([video(3, 4, 4, keep_fraction=0.5)], "second sample"), ([], "third")]
-    alone = [our_inputs(tok, [sample], img) for sample in samples]
-    packed = {
-        "input_ids": torch.cat([a["input_ids"] for a in alone], dim=1),
-        "position_ids": torch.cat([torch.arange(a["input_ids"].shape[1]) for a in alone])[None],
-    }
-    for name in ("pixel_values", "grid_sizes", "merge_sizes", "compression_mask"):
-        packed[name] = torch.cat([a[name] for a in alone if name in a])
+    alone, packed = packed_inputs(tok, samples, img)
     packed["labels"] = packed["input_ids"].clone()
     ours = copy.deepcopy(model)
     ours.set_attn_implementation(M.PACKED_SDPA)
