@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -189,6 +190,46 @@ def test_vision_attention_never_spans_frames(tok, monkeypatch):
     assert all(mask is None for _, mask in seen)
     model.model.vision_encoder.config._attn_implementation = "sdpa"
     assert (logits(model, inputs) - reference).abs().max() < TOL
+
+
+def varlen_reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=False,
+                               cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+    """flash-attention's varlen contract on CPU: `(1, H, N, hd)` in, `(1, N, H, hd)` out, one sdpa per sequence."""
+    assert attention_mask is None and torch.equal(cu_seq_lens_q, cu_seq_lens_k)
+    bounds = cu_seq_lens_q.tolist()
+    assert cu_seq_lens_q.dtype == torch.int32 and bounds[-1] == query.shape[2]
+    assert max_length_q == max_length_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    outputs = [
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scaling, is_causal=is_causal)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]  # each (1, H, L, hd)
+    return torch.cat(outputs, dim=2).transpose(1, 2), None  # (1, N, H, hd)
+
+
+def test_vision_flash_branch_matches_sdpa_with_gradients(tok, monkeypatch):
+    """The vision encoder's flash-attention branch (chunked RoPE, one varlen call) run on CPU through
+    a reference with flash-attention's varlen contract: the same logits and gradients as sdpa."""
+    AttentionInterface.register("flash_attention_varlen_reference", varlen_reference_attention)
+    monkeypatch.setattr(M, "ATTENTION_CHUNK_SCORES", 2 * 24 * 24 * 3)  # several RoPE chunks per video
+    torch.manual_seed(19)
+    sdpa = M.Videollama3Qwen2ForCausalLM(tiny_config(tok))
+    flash = M.Videollama3Qwen2ForCausalLM(tiny_config(tok))
+    flash.load_state_dict(sdpa.state_dict())
+    flash.model.vision_encoder.config._attn_implementation = "flash_attention_varlen_reference"
+    items = [video(7, 4, 6), image(6, 4), video(2, 4, 4, keep_fraction=0.5)]
+    inputs = our_inputs(tok, [(items, "x")], sdpa.config.image_token_index)
+    inputs["labels"] = inputs["input_ids"].clone()
+    grads = []
+    for model in (sdpa, flash):
+        model.train()
+        loss = model(**inputs).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max() < 1e-5, name
+    del inputs["labels"]
+    assert (logits(flash.eval(), inputs) - logits(sdpa.eval(), inputs)).abs().max() < TOL
 
 
 def test_untied_lm_head(tok):

@@ -215,11 +215,18 @@ class Videollama3VisionAttention(nn.Module):
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
         dropout = self.dropout if self.training else 0.0
         if implementation.startswith("flash_attention"):
-            q, k = apply_rope(q, k, *rope)
+            # RoPE chunk by chunk into one buffer: whole-tensor float32 temporaries made this
+            # branch's peak 3.9 GiB against sdpa's 3.0 GiB (180 frames of 336 patches, bf16, H200).
+            q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)  # (N, H, hd)
+            for start, frames, length in plan.chunks:
+                end = start + frames * length
+                q_rot[start:end], k_rot[start:end] = apply_rope(
+                    q[start:end], k[start:end], rope[0][start:end], rope[1][start:end]
+                )
             out, _ = attention(
                 self,
-                q.transpose(0, 1)[None],  # (1, H, N, hd)
-                k.transpose(0, 1)[None],
+                q_rot.transpose(0, 1)[None],  # (1, H, N, hd)
+                k_rot.transpose(0, 1)[None],
                 v.transpose(0, 1)[None],
                 attention_mask=None,
                 scaling=self.scaling,
