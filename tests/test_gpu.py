@@ -127,12 +127,16 @@ def test_flash_matches_sdpa_on_a_padded_batch_and_in_decoding(tok):
         assert rel_err(flash(**inputs).logits[mask], sdpa(**inputs).logits[mask]) < 2e-2
 
         one = to(our_inputs(tok, SAMPLES[:1], tok.convert_tokens_to_ids("<image>")), "cuda", torch.bfloat16)
-        generated = flash.generate(**one, max_new_tokens=6, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True)
-        scored = {**one, "input_ids": generated.sequences, "attention_mask": torch.ones_like(generated.sequences)}
-        prompt = one["input_ids"].shape[1]
-        teacher_forced = sdpa(**scored).logits[0, prompt - 1:-1]  # (6, V)
-        assert rel_err(torch.cat(generated.logits), teacher_forced) < 2e-2
+        for batch in (one, inputs):  # one row; two left-padded rows
+            generated = flash.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True,
+                                       return_dict_in_generate=True)
+            steps = len(generated.logits)
+            rows = batch["attention_mask"].shape[0]
+            extended = torch.cat([batch["attention_mask"], batch["attention_mask"].new_ones(rows, steps)], dim=1)
+            scored = {**batch, "input_ids": generated.sequences, "attention_mask": extended}
+            prompt = batch["input_ids"].shape[1]
+            teacher_forced = sdpa(**scored).logits[:, prompt - 1:-1]  # (B, steps, V)
+            assert rel_err(torch.stack(generated.logits, dim=1), teacher_forced) < 2e-2
 
 
 def test_flash_matches_sdpa_on_a_packed_training_row_with_gradients(tok):
