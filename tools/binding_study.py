@@ -139,6 +139,12 @@ one-shape position 80%):
 Restated answers (`--plan` with `{"curriculum": {"answers": "restated"}}`) with the 256-wide LLM, the
 whole recipe (1115 s): image 53.0% (colour 53%, position 31%, "What colour is each shape?" 27%,
 captions 5%) and video 56.7%, far below the short answers' 70.4% / 78.3%.
+Questions that only a lookup by kind or by quadrant answers, from E2's stage-1 checkpoint (K1):
+1369 extra stage-2 rows, one per two- or three-shape training image, with three turns drawn from
+"Where is the square?", "What shape is at the top left?" and "What colour is the square?" (mix
+caption 1, image 2, these 1; 540 steps as before; scored at merge size 1 after stage 2). The
+lookup by kind did not come (colour 44% / 28%, position 49% / 34% on two / three shapes) and the
+lookup by colour was lost (shape 31% / 34%): image 45.9% against E2's 65.3%.
 Stage 4 does not cost the image questions: 65.3% after stage 2, 67.0% after stage 3 and 67.8%
 after stage 4 at merge size 1. Stage 4 trains images at merge size 2, and the final model scores
 70.4% served at 2 (71.4% on the second held-out set), which is how the recipe now packages it.
