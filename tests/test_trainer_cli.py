@@ -1,5 +1,6 @@
 """The CLI: four stages chained on a tiny model, a YAML recipe, and a 2-process gloo DDP run."""
 
+import logging
 import os
 import shutil
 import subprocess
@@ -108,8 +109,10 @@ def test_two_process_gloo_ddp_through_accelerate_launch(tmp_path, base_checkpoin
     assert (out / "model.safetensors").exists() and (out / "modeling_videollama3.py").exists()
 
 
-def test_model_init_kwargs_reach_from_pretrained(tmp_path, base_checkpoint, data_path, media_root):  # noqa: F811
-    """TRL's `--model_init_kwargs` JSON is how CLI users pick the attention (flash_attention_2 on GPUs)."""
+def test_model_init_kwargs_reach_from_pretrained(tmp_path, base_checkpoint, data_path, media_root, caplog):  # noqa: F811
+    """TRL's `--model_init_kwargs` JSON is how CLI users pick the attention (flash_attention_2 on GPUs);
+    SFTTrainer's warning that they are ignored (it only sees the loaded model) is not shown."""
+    caplog.set_level(logging.WARNING)
     trainer = main(["--stage", "3", "--model", base_checkpoint, "--data", data_path, "--data_root", str(media_root),
                     "--output_dir", str(tmp_path / "eager"), "--max_steps", "1", *TINY_FLAGS,
                     "--model_init_kwargs", '{"attn_implementation": "eager", "trust_remote_code": false}'])
@@ -117,3 +120,4 @@ def test_model_init_kwargs_reach_from_pretrained(tmp_path, base_checkpoint, data
     assert model.config._attn_implementation == "eager"
     assert model.model.vision_encoder.config._attn_implementation == "eager"
     assert trainer.state.global_step == 1
+    assert not [r for r in caplog.records if "model_init_kwargs" in r.getMessage()]

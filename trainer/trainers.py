@@ -24,6 +24,14 @@ from .data import INDEX_COLUMN, build_collator, check_media
 
 logger = logging.getLogger(__name__)
 
+
+class _InitKwargsApplied(logging.Filter):
+    """Drops SFTTrainer's "model_init_kwargs will be ignored" for a model this trainer loaded from a
+    path with those very kwargs (`load_model`): SFTTrainer only sees the loaded model."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "model_init_kwargs" not in record.getMessage()
+
 REMOTE_CODE_FILES = (
     "configuration_videollama3.py",
     "modeling_videollama3.py",
@@ -105,7 +113,8 @@ class Videollama3Trainer(SFTTrainer):
             raise TypeError(f"args must be a Videollama3SFTConfig, got {type(args).__name__}")
         if self.stage is not None and args.stage not in (None, self.stage):
             raise ValueError(f"{type(self).__name__} is stage {self.stage} but args.stage is {args.stage}")
-        if isinstance(model, (str, os.PathLike)):
+        loaded_here = isinstance(model, (str, os.PathLike))
+        if loaded_here:
             from .lora import load_model
 
             model = load_model(str(model), args, **(args.model_init_kwargs or {}))
@@ -130,10 +139,16 @@ class Videollama3Trainer(SFTTrainer):
             logger.info("trainable parameters per module: %s", counts)
         if "data_collator" not in kwargs or kwargs["data_collator"] is None:
             kwargs["data_collator"] = build_collator(processing_class, args, train_dataset)
-        super().__init__(
-            model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-            peft_config=peft_config, **kwargs,
-        )
+        sft_logger, applied = logging.getLogger(SFTTrainer.__module__), _InitKwargsApplied()
+        if loaded_here:
+            sft_logger.addFilter(applied)
+        try:
+            super().__init__(
+                model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                peft_config=peft_config, **kwargs,
+            )
+        finally:
+            sft_logger.removeFilter(applied)
         if self.stage is not None:
             logger.info("stage %d: %s", self.stage, STAGE_NAMES[self.stage])
 
