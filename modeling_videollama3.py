@@ -36,6 +36,8 @@ VISION_INPUT_NAMES = ("pixel_values", "grid_sizes", "merge_sizes", "compression_
 ATTENTION_CHUNK_SCORES = 1 << 26
 # Rows of one vision-MLP call without grad: bounds the (rows, intermediate) activation.
 MLP_CHUNK_TOKENS = 8192
+# Patches per group of whole frames that CPU inference takes through all encoder layers at once.
+INFERENCE_GROUP_TOKENS = 4096
 
 
 @dataclass
@@ -64,6 +66,26 @@ class VisionAttentionPlan:
             lengths += [length] * t
         cu_seqlens = F.pad(torch.tensor(lengths, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
         return cls(chunks, cu_seqlens, max(lengths))
+
+
+def frame_groups(grids: list[tuple[int, int, int]], budget: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Consecutive whole frames in groups of at most `budget` patches (a larger frame alone):
+    `(first_patch, end_patch, grids of the group's frames)`, the grids as `(frames, h, w)` runs."""
+    groups, runs, start, size = [], [], 0, 0
+    for t, h, w in grids:
+        length = h * w
+        done = 0
+        while done < t:
+            if runs and size + length > budget:
+                groups.append((start, start + size, runs))
+                runs, start, size = [], start + size, 0
+            frames = min(t - done, max(1, (budget - size) // length))
+            runs.append((frames, h, w))
+            size += frames * length
+            done += frames
+    if runs:
+        groups.append((start, start + size, runs))
+    return groups
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -341,11 +363,20 @@ class Videollama3VisionEncoderModel(PreTrainedModel):
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_sizes describe {expected}")
 
         device = pixel_values.device
-        plan = VisionAttentionPlan.from_grids(grids, self.num_heads, device)
-        rope = self.rotary(grids, merges, device)  # cos, signed sin: 2 x (N, 1, hd)
+        cos, signed_sin = self.rotary(grids, merges, device)  # 2 x (N, 1, hd)
         hidden_states = self.embeddings(pixel_values)  # (N, D_v)
-        hidden_states = self.encoder(hidden_states, rope, plan)  # (N, D_v)
-        hidden_states = self.post_layernorm(hidden_states)  # (N, D_v)
+        if torch.is_grad_enabled() or device.type != "cpu":
+            plan = VisionAttentionPlan.from_grids(grids, self.num_heads, device)
+            hidden_states = self.post_layernorm(self.encoder(hidden_states, (cos, signed_sin), plan))  # (N, D_v)
+        else:
+            # No frame ever attends to another, so CPU inference takes groups of whole frames
+            # through all layers, in place: every intermediate has at most INFERENCE_GROUP_TOKENS
+            # rows instead of N, and the results are bit-identical. On CPU, RAM is the scarce
+            # resource and each large fresh tensor costs page faults; GPUs keep whole-tensor calls.
+            for start, end, group in frame_groups(grids, INFERENCE_GROUP_TOKENS):
+                plan = VisionAttentionPlan.from_grids(group, self.num_heads, device)
+                rope = (cos[start:end], signed_sin[start:end])
+                hidden_states[start:end] = self.post_layernorm(self.encoder(hidden_states[start:end], rope, plan))
 
         items = hidden_states.split([t * h * w for t, h, w in grids])
         return torch.cat([downsample(x, grid, m) for x, grid, m in zip(items, grids, merges)])  # (M, D_v)

@@ -192,6 +192,23 @@ def test_vision_attention_never_spans_frames(tok, monkeypatch):
     assert (logits(model, inputs) - reference).abs().max() < TOL
 
 
+def test_cpu_inference_in_frame_groups_equals_one_pass(tok, monkeypatch):
+    """CPU inference takes groups of whole frames through all encoder layers: the same bits as one
+    pass over all patches (what training and GPUs run), for groups that split a video, join items,
+    and hold one frame larger than the group size."""
+    monkeypatch.setattr(M, "INFERENCE_GROUP_TOKENS", 40)
+    torch.manual_seed(20)
+    encoder = M.Videollama3Qwen2ForCausalLM(tiny_config(tok)).model.vision_encoder.eval()
+    items = [video(7, 4, 6), image(8, 8), image(2, 4), video(3, 4, 4)]
+    inputs = our_inputs(tok, [(items, "x")], tok.convert_tokens_to_ids("<image>"))
+    args = inputs["pixel_values"], inputs["grid_sizes"], inputs["merge_sizes"]
+    groups = M.frame_groups([tuple(g) for g in inputs["grid_sizes"].tolist()], 40)
+    assert [end - start for start, end, _ in groups] == [24] * 7 + [64, 40, 16]
+    one_pass = encoder(*args).detach()  # grad enabled: the whole-tensor path
+    with torch.no_grad():
+        assert torch.equal(encoder(*args), one_pass)
+
+
 def varlen_reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=False,
                                cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """flash-attention's varlen contract on CPU: `(1, H, N, hd)` in, `(1, N, H, hd)` out, one sdpa per sequence."""
