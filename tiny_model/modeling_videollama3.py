@@ -371,12 +371,14 @@ class Videollama3VisionEncoderModel(PreTrainedModel):
         else:
             # No frame ever attends to another, so CPU inference takes groups of whole frames
             # through all layers, in place: every intermediate has at most INFERENCE_GROUP_TOKENS
-            # rows instead of N, and the results are bit-identical. On CPU, RAM is the scarce
-            # resource and each large fresh tensor costs page faults; GPUs keep whole-tensor calls.
+            # rows instead of N, with the same results (bit for bit in the tests and at SigLIP
+            # width). On CPU, RAM is the scarce resource and each large fresh tensor costs page
+            # faults; GPUs keep whole-tensor calls.
             for start, end, group in frame_groups(grids, INFERENCE_GROUP_TOKENS):
                 plan = VisionAttentionPlan.from_grids(group, self.num_heads, device)
                 rope = (cos[start:end], signed_sin[start:end])
-                hidden_states[start:end] = self.post_layernorm(self.encoder(hidden_states[start:end], rope, plan))
+                group_states = self.encoder(hidden_states[start:end], rope, plan)  # (n, D_v)
+                hidden_states[start:end] = self.post_layernorm(group_states)  # (n, D_v)
 
         items = hidden_states.split([t * h * w for t, h, w in grids])
         return torch.cat([downsample(x, grid, m) for x, grid, m in zip(items, grids, merges)])  # (M, D_v)
