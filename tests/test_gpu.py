@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tests.oracle import image, our_inputs, packed_inputs, video
-from tests.test_trainer import media_root, official_rows, save_base, tiny_model, write_jsonl  # noqa: F401
+from tests.test_trainer import media_root  # noqa: F401
+from tests.test_trainer_cli import base_checkpoint, data_path  # noqa: F401
 from tests.tiny import tiny_config, tiny_tokenizer
-from tests.tiny_processor import tiny_processor
 from tools.local import REPO_ROOT, remote_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -164,24 +164,16 @@ def test_flash_matches_sdpa_on_a_packed_training_row_with_gradients(tok):
         assert rel_err(flash_grads[name], sdpa_grads[name]) < 5e-2, name
 
 
-@pytest.fixture(scope="module")
-def cli_setup(tmp_path_factory, media_root):  # noqa: F811
-    processor = tiny_processor()
-    base = save_base(tiny_model(processor), processor, tmp_path_factory.mktemp("base") / "ckpt")
-    data = write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", official_rows())
-    return base, data, media_root
-
-
 @pytest.mark.parametrize("attn,packing", [("flash_attention_2", True), ("flash_attention_2", False), ("sdpa", True)])
-def test_cli_trains_on_cuda_with_gpu_defaults(tmp_path, cli_setup, attn, packing):
+def test_cli_trains_on_cuda_with_gpu_defaults(tmp_path, base_checkpoint, data_path, media_root, attn, packing):  # noqa: F811
     """bf16 and activation checkpointing switch on by themselves on CUDA; the chosen attention trains."""
     if attn.startswith("flash"):
         needs_flash()
     from trainer.cli import main
 
-    base, data, root = cli_setup
     trainer = main([
-        "--stage", "3", "--model", base, "--data", data, "--data_root", str(root), "--output_dir", str(tmp_path),
+        "--stage", "3", "--model", base_checkpoint, "--data", data_path, "--data_root", str(media_root),
+        "--output_dir", str(tmp_path),
         "--max_steps", "3", "--per_device_train_batch_size", "2", "--max_frames", "4",
         "--max_visual_tokens", "256", "--max_length", "2048", "--report_to", "none", "--save_strategy", "no",
         "--disable_tqdm", "true", "--logging_steps", "1", "--multimodal_packing", str(packing).lower(),

@@ -57,13 +57,15 @@ def check_qlora_supported():
 def load_model(path: str, args=None, **kwargs):
     """`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs)` in fp32, or 4-bit for QLoRA.
 
-    `kwargs` are TRL's `model_init_kwargs` (`--model_init_kwargs '{"attn_implementation": "flash_attention_2"}'`).
+    `args.model_init_kwargs` (TRL's, e.g. `--model_init_kwargs '{"attn_implementation": "flash_attention_2"}'`)
+    come first; `kwargs` override them.
 
     With `args.load_in_4bit`, only the LLM's linears are quantized (NF4, bf16 compute); the vision
     encoder, projector and LM head stay in bf16.
     """
     from transformers import AutoModelForCausalLM
 
+    kwargs = {**((args.model_init_kwargs or {}) if args is not None else {}), **kwargs}
     kwargs["trust_remote_code"] = True  # the model class lives in the checkpoint's remote code
     if args is not None and args.load_in_4bit:
         check_qlora_supported()

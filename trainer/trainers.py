@@ -117,7 +117,7 @@ class Videollama3Trainer(SFTTrainer):
         if loaded_here:
             from .lora import load_model
 
-            model = load_model(str(model), args, **(args.model_init_kwargs or {}))
+            model = load_model(str(model), args)
         if args.multimodal_packing:
             use_packed_attention(model)
         if processing_class is None:
