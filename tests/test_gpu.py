@@ -208,3 +208,18 @@ def test_embedded_default_answers_on_cuda_as_on_cpu():
         ]
     assert len(answers["cpu"]) == 6
     assert answers["cuda"] == answers["cpu"]
+
+
+def test_tiny_recipe_and_evaluation_run_on_cuda(tmp_path):
+    """`python -m tools.train_default --device cuda` (every stage, the vision pretraining too) and
+    `tools.evaluate_default --device cuda` on the same held-out set as on the CPU."""
+    from tools import evaluate_default, train_default
+
+    out = train_default.main(["--quick", "--device", "cuda", "--out", str(tmp_path / "tiny")])
+    assert (out / "model.safetensors").exists()
+    held_out = tmp_path / "held_out"
+    on = {device: evaluate_default.evaluate(str(out), images=4, videos=2, device=device, data_dir=str(held_out))
+          for device in ("cuda", "cpu")}
+    totals = {device: {kind: total for kind, (_, total) in r["per_kind"].items()} for device, r in on.items()}
+    assert totals["cuda"] == totals["cpu"] and sum(totals["cpu"].values()) > 0
+    assert on["cuda"]["video_tokens"] == on["cpu"]["video_tokens"]  # the processor prunes, not the device

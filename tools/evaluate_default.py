@@ -35,10 +35,10 @@ TARGETS = {"image": 0.90, "video": 0.70, "pruned": 0.50}
 TEMPORAL_TOLERANCE_S = 1.0
 
 
-def load(model_path: str):
+def load(model_path: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     return model, processor
 
@@ -81,7 +81,7 @@ def is_correct(kind: str, prediction: str, reference: str) -> bool:
 def answer_batch(model, processor, conversations: list[list[dict]], max_new_tokens: int = 40) -> tuple[list[str], dict]:
     inputs = processor.apply_chat_template(
         conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
-    )
+    ).to(model.device)
     prompt_length = inputs["input_ids"].shape[1]
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     texts = processor.post_process_image_text_to_text(output[:, prompt_length:], skip_special_tokens=True)
@@ -92,10 +92,11 @@ def answer_batch(model, processor, conversations: list[list[dict]], max_new_toke
 
 
 def evaluate(model_path: str, images: int = 150, videos: int = 60, batch_size: int = 16, seed: int = HELD_OUT_SEED,
-             data_dir: str | None = None, verbose: bool = False, answers: str = "short") -> dict:
+             data_dir: str | None = None, verbose: bool = False, answers: str = "short", device: str = "cpu") -> dict:
     """Generate the held-out set (unless `data_dir` already holds it), answer every question, score.
 
     `answers`: the style of the image answers the model was trained on (`curriculum.ANSWER_STYLES`).
+    `device`: where the model answers ("cpu", "cuda"); the held-out set and its scores do not depend on it.
     """
     torch.set_num_threads(min(2, torch.get_num_threads()))
     scratch = None
@@ -111,7 +112,7 @@ def evaluate(model_path: str, images: int = 150, videos: int = 60, batch_size: i
         # Scored against the other style, every image answer would count as wrong.
         raise ValueError(f"data_dir {data}: its held-out set has {style} answers, but answers={answers!r} was asked "
                          "(pass the style the set was written in, or an empty folder)")
-    model, processor = load(model_path)
+    model, processor = load(model_path, device)
 
     per_kind = defaultdict(list)
     pruning = {"kept": 0, "total": 0}
@@ -160,10 +161,11 @@ def main(argv=None):
                         help="seed of the held-out set (another seed gives a second, independent set)")
     parser.add_argument("--answers", choices=curriculum.ANSWER_STYLES, default="short",
                         help="style of the image answers the model was trained on")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     result = evaluate(args.model, args.images, args.videos, args.batch_size, seed=args.seed, data_dir=args.data_dir,
-                      verbose=args.verbose, answers=args.answers)
+                      verbose=args.verbose, answers=args.answers, device=args.device)
     for name, (right, total) in result["per_kind"].items():
         print(f"{name:>18}: {right}/{total} ({right / total:.0%})")
     tokens = result["video_tokens"]

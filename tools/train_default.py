@@ -190,8 +190,9 @@ def write_lm_rows(data_dir: Path) -> Path:
     return path
 
 
-def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path, plan: dict, threads: int):
-    """One `python -m trainer` run, in-process."""
+def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path, plan: dict, threads: int,
+              device: str = "cpu"):
+    """One `python -m trainer` run, in-process, on `device` ("cpu" or "cuda")."""
     from trainer.cli import main as trainer_main
 
     lr = plan["lr"]
@@ -199,7 +200,7 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
         "--model", str(model_dir), "--data", str(data), "--output_dir", str(out_dir),
         "--data_root", str(data_root),
         "--max_steps", str(plan["steps"]), "--per_device_train_batch_size", str(plan["batch"]),
-        "--gradient_accumulation_steps", "1", "--bf16", "false", "--use_cpu", "true",
+        "--gradient_accumulation_steps", "1", "--bf16", "false", "--use_cpu", str(device == "cpu").lower(),
         "--warmup_steps", str(max(1, plan["steps"] // 20)), "--weight_decay", "0.0", "--max_grad_norm", "1.0",
         "--logging_steps", "25", "--save_strategy", "no", "--report_to", "none", "--seed", str(SEED),
         "--dataloader_num_workers", "0", "--disable_tqdm", "true",
@@ -223,7 +224,8 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
     return losses
 
 
-def run_vision_pretraining(step: str, model_dir: Path, data_root: Path, out_dir: Path, plan: dict, threads: int) -> list[float]:
+def run_vision_pretraining(step: str, model_dir: Path, data_root: Path, out_dir: Path, plan: dict, threads: int,
+                           device: str = "cpu") -> list[float]:
     """The SigLIP stand-ins (`tools.vision_pretrain`): "vision", the encoder alone on dense patch
     labels; "align", encoder and projector towards the LLM's embeddings of those labels' words."""
     from transformers import AutoModelForCausalLM, AutoProcessor
@@ -232,7 +234,7 @@ def run_vision_pretraining(step: str, model_dir: Path, data_root: Path, out_dir:
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     train = {"vision": vision_pretrain.pretrain_vision, "align": vision_pretrain.align_projector}[step]
-    losses = train(model, processor, data_root / "vision.jsonl", data_root, seed=SEED, **plan)
+    losses = train(model, processor, data_root / "vision.jsonl", data_root, seed=SEED, device=device, **plan)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     copy_remote_code(out_dir)
@@ -262,6 +264,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads")
     parser.add_argument("--keep-work", action="store_true", help="keep the work folder")
     parser.add_argument("--plan", default=None, help="JSON file overriding parts of the plan (experiments)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the stages train; the committed model is the CPU run (fp32 either way)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     plan = dict(QUICK if args.quick else FULL)
@@ -298,10 +302,11 @@ def main(argv=None):
         t0 = time.time()
         stage_dir = work / (f"stage{stage}" if isinstance(stage, int) else {"pretrain": "llm"}.get(stage, stage))
         if stage in ("vision", "align"):
-            losses[stage] = run_vision_pretraining(stage, previous, data_dir, stage_dir, plan[stage], args.threads)
+            losses[stage] = run_vision_pretraining(stage, previous, data_dir, stage_dir, plan[stage], args.threads,
+                                                   args.device)
         else:
             mix = write_mix(data_dir, f"{stage}.jsonl", plan[stage]["data"], seed=SEED)
-            losses[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads)
+            losses[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads, args.device)
         previous = stage_dir
         timings[f"stage {stage}"] = time.time() - t0
         logger.info("stage %s done in %.0f s; loss %s", stage, timings[f"stage {stage}"],

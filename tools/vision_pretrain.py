@@ -127,9 +127,9 @@ class PatchHead(torch.nn.Module):
         # and an average over a shape's tokens is what an LLM attention head reads out.
         objects = image_of_patch * (len(COLOURS) + 1) + labels.colour  # (N,) one id per (image, colour)
         ids, member = objects.unique(return_inverse=True)
-        pooled = torch.zeros(len(ids), features.shape[1]).index_add_(0, member, features)  # (O, D)
+        pooled = features.new_zeros(len(ids), features.shape[1]).index_add_(0, member, features)  # (O, D)
         pooled = pooled / torch.bincount(member, minlength=len(ids))[:, None]
-        object_shape = torch.zeros(len(ids), dtype=torch.long).index_put_((member,), labels.shape)  # (O,)
+        object_shape = labels.shape.new_zeros(len(ids)).index_put_((member,), labels.shape)  # (O,)
         is_shape = object_shape > 0
         pooled_shape = self.shape(pooled[is_shape])
         loss = (
@@ -149,7 +149,7 @@ class PatchHead(torch.nn.Module):
             # The style is a texture: one background patch sees a piece of a stripe, all of them the stripes.
             is_background = labels.colour == 0
             images = len(backgrounds)
-            mean = torch.zeros(images, features.shape[1]).index_add_(
+            mean = features.new_zeros(images, features.shape[1]).index_add_(
                 0, image_of_patch[is_background], features[is_background])  # (B, D)
             mean = mean / torch.bincount(image_of_patch[is_background], minlength=images).clamp(min=1)[:, None]
             background = self.background(mean)  # (B, styles)
@@ -183,9 +183,9 @@ def load_rows(path: Path, data_root: Path, processor, patch: int) -> list[tuple[
     return rows
 
 
-def batch_inputs(chosen) -> dict:
-    """The encoder's inputs of the `load_rows` entries in `chosen`, concatenated."""
-    return {key: torch.cat([x[key] for x, *_ in chosen]) for key in ("pixel_values", "grid_sizes", "merge_sizes")}
+def batch_inputs(chosen, device="cpu") -> dict:
+    """The encoder's inputs of the `load_rows` entries in `chosen`, concatenated, on `device`."""
+    return {key: torch.cat([x[key] for x, *_ in chosen]).to(device) for key in ("pixel_values", "grid_sizes", "merge_sizes")}
 
 
 def warmup_cosine(optimizer, steps: int):
@@ -196,15 +196,17 @@ def warmup_cosine(optimizer, steps: int):
 
 
 def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, steps: int, batch: int, lr: float,
-                    seed: int = 0, background_weight: float = 0.0, scene_weight: float = 0.0) -> list[float]:
+                    seed: int = 0, background_weight: float = 0.0, scene_weight: float = 0.0,
+                    device: str = "cpu") -> list[float]:
     """Train `model.model.vision_encoder` in place on dense patch labels (and, with
     `background_weight`, each image's background style; with `scene_weight`, the whole scene from
-    every patch); returns the loss curve."""
+    every patch) on `device`; returns the loss curve."""
     encoder = model.model.vision_encoder
     patch = encoder.config.patch_size
     rows = load_rows(vision_rows, data_root, processor, patch)
     torch.manual_seed(seed)
-    head = PatchHead(encoder.config.hidden_size, background_weight, scene_weight)
+    head = PatchHead(encoder.config.hidden_size, background_weight, scene_weight).to(device)
+    encoder.to(device)
     parameters = list(encoder.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, steps)
@@ -213,14 +215,15 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
     losses = []
     for step in range(steps):
         chosen = rng.sample(rows, min(batch, len(rows)))
-        inputs = batch_inputs(chosen)
+        inputs = batch_inputs(chosen, device)
         features = encoder(inputs["pixel_values"], inputs["grid_sizes"], inputs["merge_sizes"])  # (N, D)
-        labels = PatchLabels(*(torch.cat([getattr(lab, f) for _, lab, _ in chosen]) for f in ("colour", "shape", "position")))
-        image_of_patch = torch.cat([torch.full((len(lab.colour),), i) for i, (_, lab, _) in enumerate(chosen)])  # (N,)
+        labels = PatchLabels(*(torch.cat([getattr(lab, f) for _, lab, _ in chosen]).to(device)
+                               for f in ("colour", "shape", "position")))
+        image_of_patch = torch.cat([torch.full((len(lab.colour),), i) for i, (_, lab, _) in enumerate(chosen)]).to(device)  # (N,)
         backgrounds = None
         if background_weight:
-            backgrounds = torch.tensor([BACKGROUNDS.index(row["background"]) for *_, row in chosen])  # (B,)
-        scenes = torch.stack([scene_labels(row) for *_, row in chosen]) if scene_weight else None  # (B, S)
+            backgrounds = torch.tensor([BACKGROUNDS.index(row["background"]) for *_, row in chosen], device=device)  # (B,)
+        scenes = torch.stack([scene_labels(row) for *_, row in chosen]).to(device) if scene_weight else None  # (B, S)
         loss, metrics = head.loss(features, labels, image_of_patch, backgrounds, scenes)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -253,7 +256,7 @@ def word_targets(row: dict, labels: PatchLabels, embed) -> torch.Tensor:
 
 
 def align_projector(model, processor, vision_rows: Path, data_root: Path, *, steps: int, batch: int, lr: float,
-                    seed: int = 0) -> list[float]:
+                    seed: int = 0, device: str = "cpu") -> list[float]:
     """Train the encoder (at lr / 10) and the projector in place so each visual token is the LLM's
     embedding of the words naming what covers its patch (`word_targets`); returns the loss curve.
 
@@ -265,6 +268,7 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
     captions through the frozen, text-only LLM pull the tokens away from the words again (reading
     each shape's colour off its nearest word sum: 100% after 400 alignment steps, 20% after stage 1).
     """
+    model.to(device)
     encoder, projector = model.model.vision_encoder, model.model.mm_projector
     embeddings = model.get_input_embeddings().weight.detach()
     tokenizer = processor.tokenizer
@@ -288,7 +292,7 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
     losses = []
     for step in range(steps):
         chosen = rng.sample(order, min(batch, len(order)))
-        inputs = batch_inputs([rows[i] for i in chosen])
+        inputs = batch_inputs([rows[i] for i in chosen], device)
         tokens = projector(encoder(inputs["pixel_values"], inputs["grid_sizes"], inputs["merge_sizes"]))  # (N, D_t)
         target = torch.cat([targets[i] for i in chosen])  # (N, D_t)
         loss = F.mse_loss(tokens, target) / scale
