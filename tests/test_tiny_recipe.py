@@ -67,6 +67,20 @@ def test_plan_turns_on_restated_answers_and_the_alignment_after_stage_1(tmp_path
     assert any(not torch.equal(aligned[k], s2[k]) for k in aligned)  # stage 2 starts from the aligned model
 
 
+def test_plan_balances_the_projector_and_freezes_stage_2s_vision_side(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"balance": {"images": 8}, "2": {"trainable": ["llm"], "lr": {"llm": 1e-3}}}))
+    work = tmp_path / "work"
+    train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--work", str(work), "--keep-work", "--plan", str(plan)])
+    vis, balanced, s1, s2 = (weights(work / name) for name in ("vision", "balance", "stage1", "stage2"))
+    # The balancing folds a map into the projector's first linear and changes nothing else.
+    assert {k for k in vis if not torch.equal(vis[k], balanced[k])} == {
+        "model.mm_projector.readout.0.weight", "model.mm_projector.readout.0.bias"}
+    assert any(not torch.equal(balanced[k], s1[k]) for k in balanced)  # stage 1 starts from it
+    changed = {k for k in s1 if not torch.equal(s1[k], s2[k])}
+    assert changed and not any(".vision_encoder." in k or ".mm_projector." in k for k in changed)
+
+
 def test_loads_with_auto_classes_and_answers(run):
     from transformers import AutoModelForCausalLM, AutoProcessor
 

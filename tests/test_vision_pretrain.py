@@ -141,3 +141,59 @@ def test_alignment_pulls_visual_tokens_towards_the_words_and_leaves_the_llm(tmp_
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any("mm_projector" in k for k in changed) and any("vision_encoder" in k for k in changed)
     assert all("mm_projector" in k or "vision_encoder" in k for k in changed)
+
+
+def attribute_features(patches=3000, width=32, seed=0):
+    """Patch features where colour is loud, kind quiet and the quadrant quieter, plus noise; and
+    their `balance_map` classes (a quarter of the patches are background, with a style)."""
+    g = torch.Generator().manual_seed(seed)
+    n = vision_pretrain.BALANCE_SLOTS
+    colour = torch.randint(1, n["colour"] + 1, (patches,), generator=g)
+    kind = torch.randint(1, n["kind"] + 1, (patches,), generator=g)
+    quadrant = torch.randint(1, n["quadrant"] + 1, (patches,), generator=g)
+    style = torch.randint(1, n["background"] + 1, (patches,), generator=g)
+    background = torch.rand(patches, generator=g) < 0.25
+    colour, kind = colour.masked_fill(background, 0), kind.masked_fill(background, 0)
+    style = style.masked_fill(~background, 0)
+    codes = {name: torch.randn(size + 1, width, generator=g) for name, size in n.items()}
+    x = (5.0 * codes["colour"][colour] + 0.7 * codes["kind"][kind] + 0.3 * codes["quadrant"][quadrant]
+         + 0.7 * codes["background"][style] + 0.5 * torch.randn(patches, width, generator=g))
+    return x, torch.stack([colour, kind, quadrant, style], 1)
+
+
+def test_balance_map_gives_each_attribute_a_like_share_of_the_variance():
+    x, classes = attribute_features()
+    fold, mu, report = vision_pretrain.balance_map(x, classes, residual=0.0)
+    before, after = report["shares_before"], report["shares_after"]
+    assert before["colour"] > 0.9 and before["quadrant"] < 0.01  # the loud attribute drowns the others
+    assert all(0.1 < after[name] < 0.5 for name in ("colour", "kind", "quadrant"))
+    assert all(accuracy > 0.8 for accuracy in report["readout"].values())
+    mapped = (x.double() - mu) @ fold.T
+    assert torch.allclose(mapped.var(0).sum(), (x.double() - mu).var(0).sum())  # the total variance is kept
+    assert torch.equal(vision_pretrain.balance_map(x, classes, residual=0.0)[0], fold)  # deterministic (fixed codes)
+    # The residual keeps part of the raw features (here loud in colour: one unit of the centred
+    # features weighs against one of the one-hot codes, so the residual depends on their scale).
+    mixed = vision_pretrain.balance_map(x, classes, residual=0.2)[2]["shares_after"]
+    assert after["colour"] < mixed["colour"] < before["colour"]
+
+
+def test_balance_map_refuses_a_negative_residual_and_too_narrow_features():
+    x, classes = attribute_features(patches=50)
+    with pytest.raises(ValueError, match="residual=-0.1"):
+        vision_pretrain.balance_map(x, classes, residual=-0.1)
+    with pytest.raises(ValueError, match="width 8: need at least 16"):
+        vision_pretrain.balance_map(x[:, :8], classes, residual=0.2)
+
+
+def test_folding_makes_the_projector_read_the_balanced_features():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 24)
+    old = torch.nn.Linear(32, 24)
+    old.load_state_dict(linear.state_dict())
+    x, classes = attribute_features()
+    fold, mu, _ = vision_pretrain.balance_map(x, classes, residual=0.2)
+    vision_pretrain.fold_into_linear(linear, fold, mu)
+    probe = torch.randn(10, 32)
+    balanced = ((probe.double() - mu) @ fold.T + mu).float()
+    assert torch.allclose(linear(probe), old(balanced), atol=1e-4)
+    assert not torch.allclose(linear(probe), old(probe), atol=1e-2)
