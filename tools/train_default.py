@@ -249,11 +249,11 @@ def run_vision_pretraining(step: str, model_dir: Path, data_root: Path, out_dir:
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     train = {"vision": vision_pretrain.pretrain_vision, "align": vision_pretrain.align_projector,
              "balance": vision_pretrain.balance_projector}[step]
-    losses = train(model, processor, data_root / "vision.jsonl", data_root, seed=SEED, device=device, **plan)
+    result = train(model, processor, data_root / "vision.jsonl", data_root, seed=SEED, device=device, **plan)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     copy_remote_code(out_dir)
-    return losses
+    return result
 
 
 def package(stage_dir: Path, out: Path, image_merge_size: int) -> None:
@@ -310,22 +310,23 @@ def main(argv=None):
     copy_remote_code(base)
     timings["data+tokenizer"] = time.time() - start
 
-    previous, losses = base, {}
+    previous, results = base, {}
     for stage in ("pretrain", "vision", "balance", 1, "align", 2, 3, 4):
         if 0 in (plan[stage].get("steps"), plan[stage].get("images")):  # a step switched off in the plan
             continue
         t0 = time.time()
         stage_dir = work / (f"stage{stage}" if isinstance(stage, int) else {"pretrain": "llm"}.get(stage, stage))
         if stage in ("vision", "balance", "align"):
-            losses[stage] = run_vision_pretraining(stage, previous, data_dir, stage_dir, plan[stage], args.threads,
+            results[stage] = run_vision_pretraining(stage, previous, data_dir, stage_dir, plan[stage], args.threads,
                                                    args.device)
         else:
             mix = write_mix(data_dir, f"{stage}.jsonl", plan[stage]["data"], seed=SEED)
-            losses[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads, args.device)
+            results[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads, args.device)
         previous = stage_dir
         timings[f"stage {stage}"] = time.time() - t0
-        logger.info("stage %s done in %.0f s; %s", stage, timings[f"stage {stage}"], losses[stage] if stage == "balance"
-                    else f"loss {[round(x, 3) for x in losses[stage][:1] + losses[stage][-1:]]}")
+        result = results[stage]  # a loss curve, or the balancing's report
+        logger.info("stage %s done in %.0f s; %s", stage, timings[f"stage {stage}"],
+                    result if isinstance(result, dict) else f"loss {[round(x, 3) for x in result[:1] + result[-1:]]}")
 
     # Images are served at the merge size of the last stage (stage 4: 2x2), not the official
     # processor's 1: the official model saw millions of images at 1 in stages 1-3, the tiny one a

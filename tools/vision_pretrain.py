@@ -170,10 +170,12 @@ class PatchHead(torch.nn.Module):
         return loss, metrics
 
 
-def load_rows(path: Path, data_root: Path, processor, patch: int) -> list[tuple[dict, PatchLabels, dict]]:
-    """Each image's processor inputs (computed once), patch labels and `vision.jsonl` row."""
+def load_rows(path: Path, data_root: Path, processor, patch: int,
+              limit: int | None = None) -> list[tuple[dict, PatchLabels, dict]]:
+    """Each image's processor inputs (computed once), patch labels and `vision.jsonl` row; the first
+    `limit` rows only, when given (no other image is opened)."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text().splitlines()[:limit]:
         row = json.loads(line)
         image = Image.open(data_root / row["image"]).convert("RGB")
         kinds = {o["colour"]: o["shape"] for o in row["objects"]}
@@ -329,7 +331,7 @@ def balance_projector(model, processor, vision_rows: Path, data_root: Path, *, i
         raise ValueError(f"images={images}: the read-out needs at least one image")
     model.to(device)
     encoder = model.model.vision_encoder
-    rows = load_rows(vision_rows, data_root, processor, encoder.config.patch_size)[:images]
+    rows = load_rows(vision_rows, data_root, processor, encoder.config.patch_size, limit=images)
     features, classes = [], []
     encoder.eval()
     with torch.no_grad():
