@@ -35,36 +35,38 @@ def test_hub_layout(run):
 
 def test_stages_chain_with_their_own_freezing(run):
     _, work = run
-    assert not (work / "align").exists()  # off in the recipe's plan
-    llm, vis, s1, s2, s4 = (weights(work / name) for name in ("llm", "vision", "stage1", "stage2", "stage4"))
+    assert not (work / "llm").exists()  # text pretraining: off in the recipe's plan
+    scenes, vis, s1, aligned, s2, s4 = (
+        weights(work / name) for name in ("scenes", "vision", "stage1", "align", "stage2", "stage4"))
     base = weights(work / "base")
-    vision = [k for k in base if ".vision_encoder." in k]
-    text = [k for k in base if "layers." in k and ".vision_encoder." not in k]
-    # Text pretraining trains the LLM only, vision pretraining the encoder only (the stand-ins for
-    # Qwen2.5 and SigLIP); stage 1 keeps the LLM frozen and trains the vision side.
-    assert all(torch.equal(base[k], llm[k]) for k in vision)
-    assert any(not torch.equal(base[k], llm[k]) for k in text)
-    assert all(torch.equal(llm[k], vis[k]) for k in text)
-    assert any(not torch.equal(llm[k], vis[k]) for k in vision)
-    assert all(torch.equal(vis[k], s1[k]) for k in text)
-    assert any(not torch.equal(vis[k], s1[k]) for k in vision)
-    # Stage 2 onwards trains everything; stage 4 is the packaged model.
-    assert any(not torch.equal(s1[k], s2[k]) for k in text)
+    vision = [k for k in base if ".vision_encoder." in k or ".mm_projector." in k]
+    text = [k for k in base if k not in vision]
+    # Scene pretraining trains the LLM only, vision pretraining the encoder only (the stand-ins for
+    # Qwen2.5 and SigLIP); stage 1 keeps the LLM frozen and trains the vision side, and so does the
+    # alignment after it.
+    assert all(torch.equal(base[k], scenes[k]) for k in vision)
+    assert any(not torch.equal(base[k], scenes[k]) for k in text)
+    for before, after in ((scenes, vis), (vis, s1), (s1, aligned)):
+        assert all(torch.equal(before[k], after[k]) for k in text)
+        assert any(not torch.equal(before[k], after[k]) for k in vision)
+    # Stage 2 starts from the aligned model and trains everything; stage 4 is the packaged model.
+    assert any(not torch.equal(aligned[k], s2[k]) for k in text)
     final = weights(run[0])
     assert all(torch.equal(final[k], s4[k]) for k in s4)
 
 
-def test_plan_turns_on_restated_answers_and_the_alignment_after_stage_1(tmp_path):
+def test_plan_turns_on_restated_answers_and_switches_steps_off(tmp_path):
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"curriculum": {"answers": "restated"}, "align": {"steps": 2}}))
+    plan.write_text(json.dumps({"curriculum": {"answers": "restated"}, "scenes": {"steps": 0}, "pretrain": {"steps": 2},
+                                "align": {"steps": 0}}))
     work = tmp_path / "work"
     train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--work", str(work), "--keep-work", "--plan", str(plan)])
     rows = [json.loads(line) for line in (work / "data" / "eval.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "colours" for r in rows)
-    s1, aligned, s2 = (weights(work / name) for name in ("stage1", "align", "stage2"))
-    changed = {k for k in s1 if not torch.equal(s1[k], aligned[k])}
-    assert changed and all(".mm_projector." in k or ".vision_encoder." in k for k in changed)
-    assert any(not torch.equal(aligned[k], s2[k]) for k in aligned)  # stage 2 starts from the aligned model
+    assert not (work / "scenes").exists() and not (work / "align").exists()
+    base, llm = weights(work / "base"), weights(work / "llm")
+    text = [k for k in base if ".vision_encoder." not in k and ".mm_projector." not in k]
+    assert any(not torch.equal(base[k], llm[k]) for k in text)  # text pretraining starts from the base model
 
 
 def test_plan_balances_the_projector_and_freezes_stage_2s_vision_side(tmp_path):
@@ -72,12 +74,12 @@ def test_plan_balances_the_projector_and_freezes_stage_2s_vision_side(tmp_path):
     plan.write_text(json.dumps({"balance": {"images": 8}, "2": {"trainable": ["llm"], "lr": {"llm": 1e-3}}}))
     work = tmp_path / "work"
     train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--work", str(work), "--keep-work", "--plan", str(plan)])
-    vis, balanced, s1, s2 = (weights(work / name) for name in ("vision", "balance", "stage1", "stage2"))
+    vis, balanced, s1, aligned, s2 = (weights(work / name) for name in ("vision", "balance", "stage1", "align", "stage2"))
     # The balancing folds a map into the projector's first linear and changes nothing else.
     assert {k for k in vis if not torch.equal(vis[k], balanced[k])} == {
         "model.mm_projector.readout.0.weight", "model.mm_projector.readout.0.bias"}
     assert any(not torch.equal(balanced[k], s1[k]) for k in balanced)  # stage 1 starts from it
-    changed = {k for k in s1 if not torch.equal(s1[k], s2[k])}
+    changed = {k for k in aligned if not torch.equal(aligned[k], s2[k])}  # stage 2 starts from the alignment
     assert changed and not any(".vision_encoder." in k or ".mm_projector." in k for k in changed)
 
 
@@ -97,24 +99,29 @@ def test_loads_with_auto_classes_and_answers(run):
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_images_are_served_at_the_last_stages_merge_size(run):
-    """The packaged processor merges images as stage 4 trained them; the stage checkpoints keep the default."""
+def test_images_are_served_at_the_official_merge_size_and_package_can_change_it(run, tmp_path):
+    """The packaged processor merges images by 1 (the official processor's default) although stage 4
+    trained them at 2; `package` writes another merge size when asked and changes nothing else."""
     from transformers import AutoProcessor
 
     from trainer.config import STAGES
 
     out, work = run
-    served = AutoProcessor.from_pretrained(out, trust_remote_code=True)
-    trained = AutoProcessor.from_pretrained(work / "stage4", trust_remote_code=True)
-    assert (served.image_merge_size, trained.image_merge_size) == (STAGES[4]["image_merge_size"], 1)
+    assert STAGES[4]["image_merge_size"] == 2
+    remerged = tmp_path / "merged2"
+    train_default.package(work / "stage4", remerged, image_merge_size=2)
     image = sorted((work / "data" / "images").glob("*.png"))[0]
     messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "Hi"}]}]
-    merges = [p.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                    return_tensors="pt")["merge_sizes"].tolist() for p in (served, trained)]
-    assert merges == [[2], [1]]
-    written = json.loads((out / "processor_config.json").read_text())
-    assert {k: v for k, v in written.items() if k != "image_merge_size"} == {
-        k: v for k, v in json.loads((work / "stage4" / "processor_config.json").read_text()).items() if k != "image_merge_size"}
+    merges = []
+    for folder in (out, remerged):
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        merges.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                    return_tensors="pt")["merge_sizes"].tolist())
+    assert merges == [[1], [2]]
+    trained = json.loads((work / "stage4" / "processor_config.json").read_text())
+    assert json.loads((out / "processor_config.json").read_text()) == trained
+    written = json.loads((remerged / "processor_config.json").read_text())
+    assert written.pop("image_merge_size") == 2 and {k: v for k, v in trained.items() if k != "image_merge_size"} == written
 
 
 def test_embedded_default_carries_the_current_remote_code():

@@ -264,11 +264,12 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
 
     The stand-in for SigLIP's language alignment: SigLIP's features already sit near the text that
     describes them, while the tiny encoder's features, however well they separate colours and
-    shapes, start in no relation to the LLM's words. Given tokens that are sums of its word
-    embeddings, the tiny LLM learns to look one up from a word in a few hundred steps
-    (`tools.binding_study`). The recipe runs it after stage 1 (when its plan turns it on): stage 1's
-    captions through the frozen, text-only LLM pull the tokens away from the words again (reading
-    each shape's colour off its nearest word sum: 100% after 400 alignment steps, 20% after stage 1).
+    shapes, start in no relation to the LLM's words. The recipe's LLM learnt its lookups on tokens
+    that are sums of its word embeddings (`tools.scene_pretrain`), so once the visual tokens are
+    such sums it answers questions about images as it did about scenes. The recipe runs this after
+    stage 1, whose captions through the frozen LLM would otherwise pull the tokens away from the
+    words (reading each shape's colour off its nearest word sum: 100% after 400 alignment steps,
+    20% after stage 1, measured with a text-pretrained LLM).
     """
     model.to(device)
     encoder, projector = model.model.vision_encoder, model.model.mm_projector

@@ -1,11 +1,11 @@
-"""The binding study's symbolic scenes: grid tokens, labels and the embedding sums the LLM sees."""
+"""Symbolic scenes (`tools.scene_pretrain`): grid tokens, labels, the embedding sums the LLM sees, and training on them."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tools import binding_study, curriculum
+from tools import binding_study, curriculum, scene_pretrain
 from tools.local import REPO_ROOT
 
 
@@ -15,8 +15,8 @@ def tokenizer():
 
 
 def test_scene_grid_holds_each_shape_in_its_quadrant(tokenizer):
-    study = binding_study.Study(objects=2, kinds=("colour",), turns=2)
-    writer = binding_study.SceneWriter(tokenizer, study)
+    study = scene_pretrain.SceneConfig(objects=2, kinds=("colour",), turns=2)
+    writer = scene_pretrain.SceneWriter(tokenizer, study)
     scene = writer(np.random.default_rng(3), study.turns)
     text = tokenizer.decode([t for t, label in zip(scene.ids, scene.labels) if label != -100])
     answers = [a.strip() for a in text.split("<|im_end|>") if a.strip()]
@@ -37,11 +37,11 @@ def test_scene_grid_holds_each_shape_in_its_quadrant(tokenizer):
 
 
 def test_grid_tokens_are_sums_of_word_embeddings(tokenizer):
-    study = binding_study.Study(objects=1, kinds=("shape",), turns=1)
-    writer = binding_study.SceneWriter(tokenizer, study)
+    study = scene_pretrain.SceneConfig(objects=1, kinds=("shape",), turns=1)
+    writer = scene_pretrain.SceneWriter(tokenizer, study)
     scenes = [writer(np.random.default_rng(seed), 1) for seed in (0, 1)]
     embeddings = torch.nn.Embedding(len(tokenizer), 8)
-    embeds, labels, mask = binding_study.embed_batch(scenes, embeddings, writer.pad, 0.0, torch.Generator())
+    embeds, labels, mask = scene_pretrain.embed_batch(scenes, embeddings, writer.pad, 0.0, torch.Generator())
     for b, scene in enumerate(scenes):
         cell = torch.tensor([i for i in scene.cells[0] if i != writer.pad])
         assert torch.allclose(embeds[b, scene.grid_at], embeddings(cell).sum(0))
@@ -52,7 +52,7 @@ def test_grid_tokens_are_sums_of_word_embeddings(tokenizer):
 
 
 def test_run_reports_held_out_accuracy_per_kind_and_shape_count(tokenizer):
-    study = binding_study.Study(objects=2, kinds=("colour", "count"), steps=2, batch=4, eval_scenes=20, every=2, warmup_steps=1)
+    study = scene_pretrain.SceneConfig(objects=2, kinds=("colour", "count"), steps=2, batch=4, eval_scenes=20, every=2, warmup_steps=1)
     curve = binding_study.run(study, tokenizer, heads=4)
     assert [step for step, _ in curve] == [0, 2]
     assert set(curve[-1][1]) == {"colour", "colour2", "count"}
@@ -70,3 +70,31 @@ def test_llm_shape_takes_heads_layers_and_width(tokenizer):
     default = binding_study.build_llm(tokenizer, heads=4, init=None)
     assert default.config.num_hidden_layers == train_default.MODEL["num_hidden_layers"]
     assert default.config.hidden_size == train_default.MODEL["hidden_size"]
+
+
+def test_pretrain_llm_trains_only_the_llm_and_is_deterministic(tokenizer):
+    from tools import train_default
+
+    study = scene_pretrain.SceneConfig(steps=3, batch=2, lr=1e-3, eval_scenes=6, every=3, seed=5)
+    runs = []
+    for _ in range(2):
+        model = train_default.build_model(tokenizer)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        curve = scene_pretrain.pretrain_llm(model, tokenizer, study)
+        after = model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed and not any("vision_encoder" in k or "mm_projector" in k for k in changed)
+        assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
+        assert all(p.requires_grad for p in model.parameters())  # flags handed back as they came
+        assert [step for step, _ in curve] == [0, 3]
+        runs.append(after)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("field, value", [("steps", -1), ("batch", 0), ("turns", 0)])
+def test_pretrain_llm_refuses_bad_sizes(tokenizer, field, value):
+    from tools import train_default
+
+    study = scene_pretrain.SceneConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        scene_pretrain.pretrain_llm(train_default.build_model(tokenizer), tokenizer, study)
