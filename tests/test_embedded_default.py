@@ -1,0 +1,48 @@
+"""The embedded default (`tiny_model/`) against the answers shipped with the README demo's media.
+
+The expected answers are the bundled examples' ground truth (`examples/media/examples.json`, made
+with the curriculum's drawing code), not recordings of the model. The video questions are still
+answered wrongly (issue on the embedded default): they are strict expected failures, so this test
+says so the day they start passing.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from tools.local import REPO_ROOT
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("demo", REPO_ROOT / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+DEMO = load_demo()
+CASES = [
+    pytest.param(kind, entry[kind], question, expected, id=f"{kind}: {question}",
+                 marks=[pytest.mark.xfail(strict=True, reason="video questions of the demo: not yet right")]
+                 if kind == "video" else [])
+    for entry in DEMO.bundled_examples()
+    for kind in ("image", "video") if kind in entry
+    for question, expected in zip(entry["questions"], entry["answers"])
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    folder = str(REPO_ROOT / "tiny_model")
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), AutoProcessor.from_pretrained(
+        folder, trust_remote_code=True)
+
+
+@pytest.mark.parametrize("kind, media, question, expected", CASES)
+def test_embedded_default_answers_the_bundled_examples(model_and_processor, kind, media, question, expected):
+    model, processor = model_and_processor
+    text, kept, pruned = DEMO.answer(model, processor, kind, media, question, 32)
+    assert text == expected
