@@ -72,7 +72,8 @@ MODEL = dict(
 FULL = {
     # 256 wide with 8 heads: on symbolic scenes it learns the lookups by step 800 (`scenes`), the
     # 128-wide LLM not in 1000. The scene step takes about 5.5 minutes, hence 100 / 460 / 330 / 360
-    # steps for stages 1-4: 19.0 and 20.4 minutes in two runs on 2 cores (the machine's speed varies by about 10%).
+    # steps for stages 1-4: 19.0 and 20.4 minutes in two runs on 2 cores (the machine's speed varies
+    # by about 10%).
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
