@@ -7,7 +7,6 @@ FlashAttention-2 kernels inside PyTorch) where the real one cannot be built.
 """
 
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -192,9 +191,9 @@ def test_embedded_default_answers_on_cuda_as_on_cpu():
     """The README demo's model and questions: the same greedy answers on a GPU as on the CPU."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    spec = importlib.util.spec_from_file_location("demo", REPO_ROOT / "examples" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    from tests.test_embedded_default import load_demo
+
+    demo = load_demo()
     folder = str(REPO_ROOT / "tiny_model")
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     answers = {}

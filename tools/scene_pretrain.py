@@ -70,10 +70,10 @@ class Scene:
 class SceneWriter:
     """Symbolic scenes and their questions, tokenised with the recipe's tokenizer."""
 
-    def __init__(self, tokenizer, study: SceneConfig):
-        self.tokenizer, self.study = tokenizer, study
+    def __init__(self, tokenizer, config: SceneConfig):
+        self.tokenizer, self.config = tokenizer, config
         self.pad = tokenizer.pad_token_id
-        self._encoded: dict[str, list[int]] = {}  # a handful of distinct strings per study
+        self._encoded: dict[str, list[int]] = {}  # a handful of distinct strings per run
         groups = (curriculum.COLOURS, curriculum.SHAPES, curriculum.QUADRANTS, curriculum.BACKGROUNDS)
         self.word_ids = {w: self.encode(" " + w) for group in groups for w in group}
         # A shape's cell holds a colour, a kind and a quadrant side by side, a background cell its
@@ -87,12 +87,12 @@ class SceneWriter:
         return list(self._encoded[text])
 
     def __call__(self, rng: np.random.Generator, turns: int) -> Scene:
-        count = self.study.objects or int(rng.integers(1, 4))
+        count = self.config.objects or int(rng.integers(1, 4))
         shapes = curriculum.distinct_shapes(rng, count)
         quadrants = [int(q) for q in rng.choice(4, size=count, replace=False)]
         style = str(rng.choice(curriculum.BACKGROUNDS))
-        questions = [qa for qa in curriculum.image_questions(rng, shapes, quadrants, style, self.study.answers)
-                     if qa[0] in self.study.kinds]
+        questions = [qa for qa in curriculum.image_questions(rng, shapes, quadrants, style, self.config.answers)
+                     if qa[0] in self.config.kinds]
         words = [[style] for _ in range(GRID * GRID)]
         for shape, quadrant in zip(shapes, quadrants):
             top, left = HALF * (quadrant // 2), HALF * (quadrant % 2)
@@ -155,33 +155,33 @@ def score(model, scenes: list[Scene], pad: int, noise: float) -> dict[str, float
     return {key: right[key] / total[key] for key in sorted(total)}
 
 
-def pretrain_llm(model, tokenizer, study: SceneConfig, device: str = "cpu") -> list[tuple[int, dict[str, float]]]:
+def pretrain_llm(model, tokenizer, config: SceneConfig, device: str = "cpu") -> list[tuple[int, dict[str, float]]]:
     """Train `model`'s LLM (its vision encoder and projector stay frozen) in place on symbolic
-    scenes; returns `[(step, held-out accuracies)]` every `study.every` steps and at the end."""
-    if study.steps < 0 or study.batch < 1 or study.turns < 1:
-        raise ValueError(f"steps={study.steps}, batch={study.batch}, turns={study.turns}: "
+    scenes; returns `[(step, held-out accuracies)]` every `config.every` steps and at the end."""
+    if config.steps < 0 or config.batch < 1 or config.turns < 1:
+        raise ValueError(f"steps={config.steps}, batch={config.batch}, turns={config.turns}: "
                          "steps must be >= 0, batch and turns >= 1")
     model.to(device).train()
     trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(not ("vision_encoder" in name or "mm_projector" in name))
-    writer = SceneWriter(tokenizer, study)
-    simplest = SceneWriter(tokenizer, dataclasses.replace(study, objects=2, kinds=("colour",)))
-    held_out = [writer(np.random.default_rng(999 + i), 1) for i in range(study.eval_scenes)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=study.lr,
-                                  betas=(0.9, study.beta2), weight_decay=0.0)
+    writer = SceneWriter(tokenizer, config)
+    simplest = SceneWriter(tokenizer, dataclasses.replace(config, objects=2, kinds=("colour",)))
+    held_out = [writer(np.random.default_rng(999 + i), 1) for i in range(config.eval_scenes)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  betas=(0.9, config.beta2), weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
-    rng, generator = np.random.default_rng(study.seed), torch.Generator().manual_seed(study.seed)
+    rng, generator = np.random.default_rng(config.seed), torch.Generator().manual_seed(config.seed)
     curve, start = [], time.time()
-    for step in range(study.steps + 1):
-        if step % study.every == 0 or step == study.steps:
-            curve.append((step, score(model, held_out, writer.pad, study.noise)))
+    for step in range(config.steps + 1):
+        if step % config.every == 0 or step == config.steps:
+            curve.append((step, score(model, held_out, writer.pad, config.noise)))
             logger.info("step %d (%.0f s): %s", step, time.time() - start, {k: round(v, 2) for k, v in curve[-1][1].items()})
-        if step == study.steps:
+        if step == config.steps:
             break
-        source = simplest if step < study.warmup_steps else writer
-        batch = [source(rng, study.turns) for _ in range(study.batch)]
-        embeds, labels, mask = embed_batch(batch, model.get_input_embeddings(), writer.pad, study.noise, generator)
+        source = simplest if step < config.warmup_steps else writer
+        batch = [source(rng, config.turns) for _ in range(config.batch)]
+        embeds, labels, mask = embed_batch(batch, model.get_input_embeddings(), writer.pad, config.noise, generator)
         model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -258,20 +258,27 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
     return losses
 
 
-def run_scene_pretraining(model_dir: Path, out_dir: Path, plan: dict, threads: int, device: str = "cpu"):
-    """The Qwen2.5 stand-in (`tools.scene_pretrain`): the LLM alone on symbolic scenes; returns the
-    held-out accuracies `[(step, {kind: accuracy})]`."""
+def train_in_place(model_dir: Path, out_dir: Path, threads: int, train):
+    """Load the checkpoint at `model_dir`, run `train(model, processor)` on it in place, save it to
+    `out_dir` (with the remote code) and return what `train` returned: the steps outside `trainer/`."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    config = scene_pretrain.SceneConfig(**{"seed": SEED, **plan})
-    curve = scene_pretrain.pretrain_llm(model, processor.tokenizer, config, device=device)
+    result = train(model, processor)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     copy_remote_code(out_dir)
-    return curve
+    return result
+
+
+def run_scene_pretraining(model_dir: Path, out_dir: Path, plan: dict, threads: int, device: str = "cpu"):
+    """The Qwen2.5 stand-in (`tools.scene_pretrain`): the LLM alone on symbolic scenes; returns the
+    held-out accuracies `[(step, {kind: accuracy})]`."""
+    config = scene_pretrain.SceneConfig(**{"seed": SEED, **plan})
+    return train_in_place(model_dir, out_dir, threads, lambda model, processor: scene_pretrain.pretrain_llm(
+        model, processor.tokenizer, config, device=device))
 
 
 def run_vision_pretraining(step: str, model_dir: Path, data_root: Path, out_dir: Path, plan: dict, threads: int,
@@ -280,18 +287,10 @@ def run_vision_pretraining(step: str, model_dir: Path, data_root: Path, out_dir:
     labels (returns the loss curve); "balance", the projector's first linear folded with
     `balance_map` (returns its report); "align", encoder and projector towards the LLM's embeddings
     of those labels' words (returns the loss curve)."""
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     train = {"vision": vision_pretrain.pretrain_vision, "align": vision_pretrain.align_projector,
              "balance": vision_pretrain.balance_projector}[step]
-    result = train(model, processor, data_root / "vision.jsonl", data_root, seed=SEED, device=device, **plan)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    copy_remote_code(out_dir)
-    return result
+    return train_in_place(model_dir, out_dir, threads, lambda model, processor: train(
+        model, processor, data_root / "vision.jsonl", data_root, seed=SEED, device=device, **plan))
 
 
 def package(stage_dir: Path, out: Path, image_merge_size: int) -> None:
