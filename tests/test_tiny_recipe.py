@@ -184,18 +184,26 @@ def test_evaluation_refuses_a_held_out_set_of_the_other_answer_style(tmp_path):
 def test_plan_sets_the_model_shape_and_the_scene_readout(tmp_path, monkeypatch):
     from tools import vision_pretrain
 
-    seen = {}
-    pretrain = vision_pretrain.pretrain_vision
+    seen, aligned = {}, {}
+    pretrain, align = vision_pretrain.pretrain_vision, vision_pretrain.align_projector
 
     def recording(*args, **kwargs):
         seen.update(kwargs)
         return pretrain(*args, **kwargs)
 
+    def recording_align(*args, **kwargs):
+        aligned.update(kwargs)
+        return align(*args, **kwargs)
+
     monkeypatch.setattr(vision_pretrain, "pretrain_vision", recording)
+    monkeypatch.setattr(vision_pretrain, "align_projector", recording_align)
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"model": {"num_key_value_heads": 4, "vision_layers": 1}, "vision": {"scene_weight": 1.0}}))
     out = train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--plan", str(plan)])
     assert seen["scene_weight"] == 1.0 and seen["steps"] == train_default.QUICK["vision"]["steps"]
+    # The quick run keeps the full plan's background head and merged-token alignment.
+    assert seen["background_weight"] == train_default.FULL["vision"]["background_weight"] > 0
+    assert aligned["merged_weight"] == train_default.FULL["align"]["merged_weight"] > 0
     config = json.loads((out / "config.json").read_text())
     assert config["num_key_value_heads"] == 4 and config["vision_encoder_config"]["num_hidden_layers"] == 1
     assert train_default.MODEL["num_key_value_heads"] == 2  # the default shape is not mutated

@@ -143,6 +143,44 @@ def test_alignment_pulls_visual_tokens_towards_the_words_and_leaves_the_llm(tmp_
     assert all("mm_projector" in k or "vision_encoder" in k for k in changed)
 
 
+def test_merge_blocks_is_the_encoders_own_merge_of_video_frames(tmp_path):
+    from PIL import Image
+
+    from tools import train_default
+
+    paths = curriculum.generate(tmp_path, seed=5, images=2, videos=0, texts=2)
+    tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
+    model, processor = train_default.build_model(tokenizer), train_default.build_processor(tokenizer)
+    encoder = model.model.vision_encoder.eval()
+    frame = np.pad(scene(), ((0, 28), (0, 28), (0, 0)), constant_values=120)  # 112 px, a video frame's size
+    images = [Image.fromarray(frame), Image.fromarray(np.ascontiguousarray(frame[:, ::-1]))]
+    with torch.no_grad():
+        single = processor.image_processor(images, merge_size=1, return_tensors="pt")
+        double = processor.image_processor(images, merge_size=2, return_tensors="pt")
+        per_patch = encoder(single["pixel_values"], single["grid_sizes"], single["merge_sizes"])
+        merged = encoder(double["pixel_values"], double["grid_sizes"], double["merge_sizes"])
+    grids = [tuple(g) for g in single["grid_sizes"].tolist()]
+    assert grids == [tuple(g) for g in double["grid_sizes"].tolist()] == [(1, 8, 8)] * 2
+    torch.testing.assert_close(vision_pretrain.merge_blocks(per_patch, grids), merged, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="even number of patch rows"):
+        vision_pretrain.merge_blocks(torch.zeros(9, 4), [(1, 3, 3)])
+
+
+def test_alignment_of_merged_tokens_adds_their_error_to_the_loss(tmp_path):
+    from tools import train_default
+
+    paths = curriculum.generate(tmp_path, seed=5, images=8, videos=0, texts=2)
+    tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
+    processor = train_default.build_processor(tokenizer)
+    runs = {}
+    for weight in (0.0, 1.0):
+        model = train_default.build_model(tokenizer)
+        runs[weight] = vision_pretrain.align_projector(model, processor, paths["vision"], tmp_path, steps=6, batch=4,
+                                                       lr=3e-3, merged_weight=weight)
+    assert runs[0.0][0] < runs[1.0][0]  # the merged tokens' error is added to the same first batch
+    assert runs[0.0] != runs[1.0]
+
+
 def attribute_features(patches=3000, width=32, seed=0):
     """Patch features where colour is loud, kind quiet and the quadrant quieter, plus noise; and
     their `balance_map` classes (a quarter of the patches are background, with a style)."""

@@ -151,8 +151,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     halves times `signed_sin` (sin with its first half negated, made once per forward): no negated
     and concatenated copy of `x`. The products and the sum are rounded as in the textbook form, so
     results (and the embedded default's training) are bit-identical to it; a fused multiply-add is
-    2.5x faster but rounds differently, and a recipe run with it scored 64.3% on image questions
-    instead of 70.4%.
+    2.5x faster but rounds differently, and an earlier recipe run with it scored 64.3% on image
+    questions against that recipe's 70.4% (one plan's runs spread by several points).
     """
     xf = x.float()
     half = xf.shape[-1] // 2
