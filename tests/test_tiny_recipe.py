@@ -36,6 +36,7 @@ def test_hub_layout(run):
 def test_stages_chain_with_their_own_freezing(run):
     _, work = run
     assert not (work / "llm").exists()  # text pretraining: off in the recipe's plan
+    assert not (work / "positions").exists()  # position-only scenes: off in the recipe's plan
     scenes, vis, s1, aligned, s2, s4 = (
         weights(work / name) for name in ("scenes", "vision", "stage1", "align", "stage2", "stage4"))
     base = weights(work / "base")
@@ -55,18 +56,21 @@ def test_stages_chain_with_their_own_freezing(run):
     assert all(torch.equal(final[k], s4[k]) for k in s4)
 
 
-def test_plan_turns_on_restated_answers_and_switches_steps_off(tmp_path):
+def test_plan_turns_on_restated_answers_and_switches_steps_on_and_off(tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"curriculum": {"answers": "restated"}, "scenes": {"steps": 0}, "pretrain": {"steps": 2},
-                                "align": {"steps": 0}}))
+                                "positions": {"steps": 2}, "align": {"steps": 0}}))
     work = tmp_path / "work"
     train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--work", str(work), "--keep-work", "--plan", str(plan)])
     rows = [json.loads(line) for line in (work / "data" / "eval.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "colours" for r in rows)
     assert not (work / "scenes").exists() and not (work / "align").exists()
-    base, llm = weights(work / "base"), weights(work / "llm")
+    base, positions, llm = weights(work / "base"), weights(work / "positions"), weights(work / "llm")
     text = [k for k in base if ".vision_encoder." not in k and ".mm_projector." not in k]
-    assert any(not torch.equal(base[k], llm[k]) for k in text)  # text pretraining starts from the base model
+    # Position-only scenes train the LLM alone; text pretraining follows them.
+    assert all(torch.equal(base[k], positions[k]) for k in base if k not in text)
+    assert any(not torch.equal(base[k], positions[k]) for k in text)
+    assert any(not torch.equal(positions[k], llm[k]) for k in text)
 
 
 def test_plan_balances_the_projector_and_freezes_stage_2s_vision_side(tmp_path):
