@@ -303,7 +303,12 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
 
     rows = load_rows(vision_rows, data_root, processor, encoder.config.patch_size)
     targets = [word_targets(row, labels, embed) for _, labels, row in rows]
-    covered = [(labels.colour > 0).float()[:, None] for _, labels, _ in rows]  # (N, 1) per image: a shape's patch
+    # Per image, once: the merged blocks a shape covers in part and their targets (`merged_weight`).
+    merged_targets = []
+    for (inputs, labels, _), target in zip(rows, targets) if merged_weight else ():
+        grids = [tuple(g) for g in inputs["grid_sizes"].tolist()]
+        covered = merge_blocks((labels.colour > 0).float()[:, None], grids)[:, 0] > 0  # (N / 4,)
+        merged_targets.append((covered, merge_blocks(target, grids)[covered]))  # (N / 4,), (M, D_t)
     scale = embeddings.var()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW([{"params": encoder.parameters(), "lr": lr / 10},
@@ -321,9 +326,10 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
         loss = F.mse_loss(projector(features), target) / scale
         if merged_weight:
             grids = [tuple(g) for g in inputs["grid_sizes"].tolist()]
-            shape = merge_blocks(torch.cat([covered[i] for i in chosen]).to(device), grids)[:, 0] > 0  # (N / 4,)
+            shape = torch.cat([merged_targets[i][0] for i in chosen]).to(device)  # (N / 4,)
             merged = projector(merge_blocks(features, grids)[shape])  # (M, D_t)
-            loss = loss + merged_weight * F.mse_loss(merged, merge_blocks(target, grids)[shape]) / scale
+            merged_target = torch.cat([merged_targets[i][1] for i in chosen]).to(device)  # (M, D_t)
+            loss = loss + merged_weight * F.mse_loss(merged, merged_target) / scale
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(encoder.parameters()) + list(projector.parameters()), 1.0)
         optimizer.step()
