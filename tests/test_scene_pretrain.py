@@ -6,7 +6,9 @@ import torch
 from transformers import AutoTokenizer
 
 from tools import binding_study, curriculum, scene_pretrain
-from tools.local import REPO_ROOT
+from tools.local import REPO_ROOT, remote_module
+
+IP = remote_module("image_processing_videollama3")
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +35,65 @@ def test_scene_grid_holds_each_shape_in_its_quadrant(tokenizer):
     background = [cell for cell in grid if len(cell) == 1]
     assert len(background) == 36 - 18 and len({cell[0] for cell in background}) == 1
     assert background[0][0] in curriculum.BACKGROUNDS
-    assert scene.ids[scene.grid_at:scene.grid_at + 36] == [writer.pad] * 36
+    assert scene.slots == list(range(scene.slots[0], scene.slots[0] + 36))
+    assert [scene.ids[i] for i in scene.slots] == [writer.pad] * 36
 
 
 def test_grid_tokens_are_sums_of_word_embeddings(tokenizer):
-    study = scene_pretrain.SceneConfig(objects=1, kinds=("shape",), turns=1)
-    writer = scene_pretrain.SceneWriter(tokenizer, study)
-    scenes = [writer(np.random.default_rng(seed), 1) for seed in (0, 1)]
+    # An image scene and a video scene in one batch: grids of different sizes at different places.
+    image = scene_pretrain.SceneWriter(tokenizer, scene_pretrain.SceneConfig(objects=1, kinds=("shape",), turns=1))
+    video = scene_pretrain.SceneWriter(tokenizer, scene_pretrain.SceneConfig(kinds=("when", "appear"), videos=1.0, turns=1))
+    scenes = [image(np.random.default_rng(0), 1), video(np.random.default_rng(1), 1)]
+    assert len(scenes[0].cells) == 36 and len(scenes[1].cells) > 16
     embeddings = torch.nn.Embedding(len(tokenizer), 8)
-    embeds, labels, mask = scene_pretrain.embed_batch(scenes, embeddings, writer.pad, 0.0, torch.Generator())
+    embeds, labels, mask = scene_pretrain.embed_batch(scenes, embeddings, image.pad, 0.0, torch.Generator())
     for b, scene in enumerate(scenes):
-        cell = torch.tensor([i for i in scene.cells[0] if i != writer.pad])
-        assert torch.allclose(embeds[b, scene.grid_at], embeddings(cell).sum(0))
-        after = scene.grid_at + 36
-        assert torch.equal(embeds[b, after:len(scene.ids)], embeddings(torch.tensor(scene.ids[after:])))
+        for slot, cell in zip(scene.slots, scene.cells):
+            words = torch.tensor([i for i in cell if i != image.pad])
+            assert torch.allclose(embeds[b, slot], embeddings(words).sum(0))
+        rest = [i for i in range(len(scene.ids)) if i not in set(scene.slots)]
+        assert torch.equal(embeds[b, rest], embeddings(torch.tensor([scene.ids[i] for i in rest])))
         assert int(mask[b].sum()) == len(scene.ids)
         assert labels[b, len(scene.ids):].eq(-100).all()
+
+
+def test_video_scene_is_laid_out_as_the_processor_lays_out_a_video(tokenizer):
+    writer = scene_pretrain.SceneWriter(tokenizer, scene_pretrain.SceneConfig(kinds=scene_pretrain.VIDEO_KINDS, videos=1.0, turns=2))
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    kinds = set()
+    for seed in range(12):
+        scene = writer(np.random.default_rng(seed), 2)
+        ids = [image_token if i in set(scene.slots) else t for i, t in enumerate(scene.ids)]
+        text = tokenizer.decode(ids)
+        # The processor's rendering (`Time 0.0s:<image>...,Time 1.0s:<image>...`) tokenises to these ids.
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+        frames = text.split("\n")[1].split(",")
+        assert [f.split(":")[0] for f in frames] == [f"Time {s}.0s" for s in range(len(frames))]
+        assert frames[0].count("<image>") == 16 and all(f.count("<image>") >= 1 for f in frames)
+        assert 6 <= len(frames) <= 8 and sum(f.count("<image>") for f in frames) == len(scene.cells)
+        answers = [t for t, label in zip(scene.ids, scene.labels) if label != -100]
+        assert tokenizer.decode(answers).count("<|im_end|>") == 2
+        kinds.add(scene.kind)
+    assert kinds == set(scene_pretrain.VIDEO_KINDS)
+
+
+def test_clip_tokens_keep_what_the_differential_frame_pruner_keeps():
+    """The symbolic clip keeps, frame by frame, the very tokens DiffFP keeps of the curriculum's
+    rendered clip of the same event, and names the actor where it is drawn."""
+    frames_checked = 0
+    for seed in range(25):
+        frames, event = curriculum.make_video(np.random.default_rng(seed))
+        sampled = frames[:: curriculum.VIDEO_FPS]  # (T, 112, 112, 3): one frame a second
+        patches = IP.Videollama3ImageProcessor().to_patches(sampled, 2)
+        keep = IP.differential_frame_pruning(patches, (len(sampled), 8, 8), 2, 0.1, 1).view(len(sampled), 16)
+        clip = scene_pretrain.clip_tokens(event, "plain", len(sampled))
+        assert [kept for kept, _ in clip] == [torch.nonzero(k).flatten().tolist() for k in keep]
+        for second, (kept, words) in enumerate(clip):
+            shown = curriculum.actor_centre(event, second * curriculum.VIDEO_FPS, len(frames)) is not None
+            named = [b for b, w in enumerate(words) if w[:2] == [event["shape"].colour, event["shape"].kind]]
+            assert bool(named) == shown
+            frames_checked += 1
+    assert frames_checked > 100
 
 
 def test_run_reports_held_out_accuracy_per_kind_and_shape_count(tokenizer):
@@ -89,6 +134,25 @@ def test_pretrain_llm_trains_only_the_llm_and_is_deterministic(tokenizer):
         assert [step for step, _ in curve] == [0, 3]
         runs.append(after)
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_mixed_run_reports_image_and_video_kinds(tokenizer):
+    study = scene_pretrain.SceneConfig(kinds=("position", "when"), videos=0.5, steps=2, batch=4, eval_scenes=30, every=2)
+    curve = binding_study.run(study, tokenizer, heads=4)
+    assert {"position", "when"} <= set(curve[-1][1])
+
+
+@pytest.mark.parametrize("kinds, videos, match", [
+    (("colour",), 0.5, "video scenes need one of"),
+    (("when",), 0.5, "image scenes need one of"),
+    (("when",), 1.5, "videos=1.5: the share of video scenes must be within"),
+])
+def test_pretrain_llm_refuses_kinds_the_scenes_cannot_ask(tokenizer, kinds, videos, match):
+    from tools import train_default
+
+    study = scene_pretrain.SceneConfig(kinds=kinds, videos=videos)
+    with pytest.raises(ValueError, match=match):
+        scene_pretrain.pretrain_llm(train_default.build_model(tokenizer), tokenizer, study)
 
 
 @pytest.mark.parametrize("field, value", [("steps", -1), ("batch", 0), ("turns", 0)])

@@ -269,6 +269,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--warmup-steps", type=int, default=0, help="steps on two-shape colour questions first")
+    parser.add_argument("--videos", type=float, default=0.0,
+                        help="share of scenes that are symbolic videos, asked the video kinds among --kinds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the accuracy curve here (JSON)")
     args = parser.parse_args(argv)
@@ -279,7 +281,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=True)
     study = SceneConfig(objects=args.objects, kinds=tuple(args.kinds.split(",")), turns=args.turns, steps=args.steps,
                   batch=args.batch, lr=args.lr, beta2=args.beta2, seed=args.seed, every=args.every,
-                  warmup_steps=args.warmup_steps, answers=args.answers)
+                  warmup_steps=args.warmup_steps, answers=args.answers, videos=args.videos)
     curve = run(study, tokenizer, heads=args.heads, init=args.init, layers=args.layers, width=args.width)
     if args.out:
         with open(args.out, "w") as handle:

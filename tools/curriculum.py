@@ -200,42 +200,57 @@ def image_questions(rng: np.random.Generator, shapes, quadrants, style, answers:
 # ---- videos ------------------------------------------------------------------------------------
 
 
-def make_video(rng: np.random.Generator):
-    """Returns `(frames (T, H, W, 3) uint8, event dict)` of one clip at `VIDEO_FPS`."""
-    seconds = int(rng.integers(6, 9))
-    style = str(rng.choice(BACKGROUNDS))
-    canvas = background(rng, VIDEO_SIZE, style)
+def video_event(rng: np.random.Generator, seconds: int) -> dict:
+    """The random content of a `seconds`-long clip (its background aside): the actor shape, an
+    optional static distractor and one event, "appear" (visible from second `start` to `end`) or
+    "move" (`direction`, at `across` pixels on the other axis). `tools.scene_pretrain` draws the
+    same events for its symbolic videos."""
     count = 2 if rng.random() < 0.5 else 1
     shapes = distinct_shapes(rng, count)
-    actor = shapes[0]
-    radius = float(rng.uniform(15, 18))
+    event = {"shape": shapes[0], "radius": float(rng.uniform(15, 18)), "distractor": None}
     if count == 2:
-        # A static distractor in a corner the actor's path avoids is drawn into the background.
-        canvas = draw_shape(canvas, shapes[1], float(rng.choice([18, VIDEO_SIZE - 18])), 18.0, 11.0)
-    kind = "appear" if rng.random() < 0.5 else "move"
-    frames = np.empty((seconds * VIDEO_FPS, VIDEO_SIZE, VIDEO_SIZE, 3), dtype=np.uint8)
-    if kind == "appear":
+        # A static distractor in a corner the actor's path avoids (centre y 18, x 18 or 94, radius 11).
+        event["distractor"] = (shapes[1], float(rng.choice([18, VIDEO_SIZE - 18])))
+    if rng.random() < 0.5:
         start = int(rng.integers(0, seconds - 1))
         end = int(rng.integers(start + 1, seconds + 1))
         if start == 0 and end == seconds:
             end = seconds - 1 if rng.random() < 0.5 else end
             start = 1 if end == seconds else start
-        cx, cy = float(rng.uniform(30, VIDEO_SIZE - 30)), float(rng.uniform(45, VIDEO_SIZE - 30))
-        shown = draw_shape(canvas, actor, cx, cy, radius)
-        for i in range(len(frames)):
-            frames[i] = shown if start <= i / VIDEO_FPS < end else canvas
-        event = {"kind": "appear", "shape": actor, "start": start, "end": end}
+        centre = (float(rng.uniform(30, VIDEO_SIZE - 30)), float(rng.uniform(45, VIDEO_SIZE - 30)))
+        event.update(kind="appear", start=start, end=end, centre=centre)
     else:
         direction = str(rng.choice(DIRECTIONS))
-        lo, hi = 20.0, VIDEO_SIZE - 20.0
         # Off the distractor's corners (y 7-29, x 7-29 or 83-105).
         across = float(rng.uniform(45, VIDEO_SIZE - 25) if direction in ("left", "right") else rng.uniform(44, VIDEO_SIZE - 44))
-        for i in range(len(frames)):
-            progress = lo + (hi - lo) * i / (len(frames) - 1)
-            along = progress if direction in ("right", "down") else lo + hi - progress
-            cx, cy = (along, across) if direction in ("left", "right") else (across, along)
-            frames[i] = draw_shape(canvas, actor, cx, cy, radius)
-        event = {"kind": "move", "shape": actor, "direction": direction}
+        event.update(kind="move", direction=direction, across=across)
+    return event
+
+
+def actor_centre(event: dict, i: int, frames: int) -> tuple[float, float] | None:
+    """Pixel centre `(x, y)` of the event's actor in frame `i` of `frames` (at `VIDEO_FPS`), None
+    while it is not shown."""
+    if event["kind"] == "appear":
+        return event["centre"] if event["start"] <= i / VIDEO_FPS < event["end"] else None
+    lo, hi = 20.0, VIDEO_SIZE - 20.0
+    progress = lo + (hi - lo) * i / (frames - 1)
+    along = progress if event["direction"] in ("right", "down") else lo + hi - progress
+    return (along, event["across"]) if event["direction"] in ("left", "right") else (event["across"], along)
+
+
+def make_video(rng: np.random.Generator):
+    """Returns `(frames (T, H, W, 3) uint8, event dict)` of one clip at `VIDEO_FPS`."""
+    seconds = int(rng.integers(6, 9))
+    style = str(rng.choice(BACKGROUNDS))
+    canvas = background(rng, VIDEO_SIZE, style)
+    event = video_event(rng, seconds)
+    if event["distractor"] is not None:
+        shape, x = event["distractor"]
+        canvas = draw_shape(canvas, shape, x, 18.0, 11.0)
+    frames = np.empty((seconds * VIDEO_FPS, VIDEO_SIZE, VIDEO_SIZE, 3), dtype=np.uint8)
+    for i in range(len(frames)):
+        centre = actor_centre(event, i, len(frames))
+        frames[i] = canvas if centre is None else draw_shape(canvas, event["shape"], *centre, event["radius"])
     return frames, event
 
 

@@ -22,8 +22,18 @@ Positions lag: "Where is the red circle?" gets the row right and, when another s
 the side only half the time, since the answer's second word needs a second lookup of the named
 shape. Mixed scenes took them from 72% at step 800 to 77% at step 1200; a second run of this step
 on position questions alone (`kinds=("position",)`, the recipe's `positions` step) took them from
-82% to 100% in 150 steps. The recipe has it off for now: it lifted held-out image questions to
-91.7%, but video questions fell below their target (`train_default.FULL`).
+82% to 100% in 150 steps (110 steps: 98%; `train_default.FULL`'s `positions`).
+
+Videos (`videos`, a share of the scenes): Qwen2.5 also reads time off its context. A served clip
+is `Time 0.0s:` and frame 0's 16 merged tokens, then per second `,Time 1.0s:` and only the tokens
+the Differential Frame Pruner keeps, so "When does the red circle appear?" is answered from the
+stamps of the frames where its tokens come and go. Video scenes are such clips of the events the
+curriculum draws (`curriculum.video_event`), keeping exactly the tokens DiffFP keeps of the
+rendered clip (`clip_tokens`; tested frame by frame), asked the video kinds among `kinds`. Not in
+the recipe: from the recipe's scene LLM, 200 steps of half videos (with positions) took "what
+appears" and "what moves" to 100% but "when" (exact spans) only to 3% and direction to 54%; 200
+steps of "when" alone to 56%. At 0.7-0.8 s a step (clips are longer than images) that did not fit
+the recipe's 20 minutes.
 """
 
 import collections
@@ -41,6 +51,8 @@ logger = logging.getLogger("scene_pretrain")
 
 GRID = 6  # tokens per side: an 84 px image in 14 px patches
 HALF = GRID // 2  # a quadrant is HALF x HALF tokens; shapes nearly fill theirs
+VIDEO_GRID = 4  # merged tokens per side of a 112 px video frame (14 px patches merged 2x2)
+VIDEO_KINDS = ("appear", "when", "direction", "moving")
 
 
 @dataclass
@@ -62,14 +74,16 @@ class SceneConfig:
     every: int = 100
     # A first phase on the simplest binding question (two shapes, "What colour is the <kind>?").
     warmup_steps: int = 0
+    # Share of scenes that are symbolic videos (asked the video kinds among `kinds`).
+    videos: float = 0.0
 
 
 @dataclass
 class Scene:
     ids: list[int]  # prompt and answers, with placeholders where the grid goes
     labels: list[int]  # -100 except on answer tokens
-    cells: list[list[int]]  # word ids summed into each of the GRID * GRID tokens
-    grid_at: int  # index of the first grid token in `ids`
+    cells: list[list[int]]  # word ids summed into each grid token, in order
+    slots: list[int]  # where in `ids` each grid token goes
     kind: str  # kind of the first question (what held-out scoring reports)
     shapes: int
 
@@ -93,7 +107,17 @@ class SceneWriter:
             self._encoded[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return list(self._encoded[text])
 
+    def cell(self, words: list[str]) -> list[int]:
+        ids = [i for w in words for i in self.word_ids[w]]
+        return ids + [self.pad] * (self.width - len(ids))
+
     def __call__(self, rng: np.random.Generator, turns: int) -> Scene:
+        # The share is only drawn when videos are asked for, so image-only runs keep their streams.
+        if self.config.videos and rng.random() < self.config.videos:
+            return self.video(rng, turns)
+        return self.image(rng, turns)
+
+    def image(self, rng: np.random.Generator, turns: int) -> Scene:
         count = self.config.objects or int(rng.integers(1, 4))
         shapes = curriculum.distinct_shapes(rng, count)
         quadrants = [int(q) for q in rng.choice(4, size=count, replace=False)]
@@ -106,21 +130,79 @@ class SceneWriter:
             for r in range(top, top + HALF):
                 for c in range(left, left + HALF):
                     words[r * GRID + c] = [shape.colour, shape.kind, curriculum.QUADRANTS[quadrant]]
-        cells = []
-        for cell in words:
-            ids = [i for w in cell for i in self.word_ids[w]]
-            cells.append(ids + [self.pad] * (self.width - len(ids)))
+        prompt = self.encode("<|im_start|>user\n")
+        slots = list(range(len(prompt), len(prompt) + len(words)))
+        return self.conversation(rng, prompt + [self.pad] * len(words), [self.cell(w) for w in words], slots,
+                                 questions, turns, count)
+
+    def video(self, rng: np.random.Generator, turns: int) -> Scene:
+        """A clip drawn like the curriculum's (`curriculum.video_event`), laid out as the processor
+        lays out a served video: `Time 0.0s:` and frame 0's tokens, `,Time 1.0s:` and the tokens
+        DiffFP keeps of the next frame (`clip_tokens`), and so on."""
+        questions = []
+        while not questions:  # a clip of the other event when only one event's kinds are asked
+            seconds = int(rng.integers(6, 9))
+            style = str(rng.choice(curriculum.BACKGROUNDS))
+            event = curriculum.video_event(rng, seconds)
+            questions = [qa for qa in curriculum.video_questions(event) if qa[0] in self.config.kinds]
+        ids, cells, slots = [], [], []
+        for second, (kept, words) in enumerate(clip_tokens(event, style, seconds)):
+            ids += self.encode(("<|im_start|>user\n" if second == 0 else ",") + f"Time {float(second):.1f}s:")
+            slots += range(len(ids), len(ids) + len(kept))
+            ids += [self.pad] * len(kept)
+            cells += [self.cell(words[b]) for b in kept]
+        return self.conversation(rng, ids, cells, slots, questions, turns, 2 if event["distractor"] else 1)
+
+    def conversation(self, rng, ids, cells, slots, questions, turns, shapes) -> Scene:
+        """The user turn so far (`ids`, grid included) followed by `turns` of the questions."""
         chosen = [questions[j] for j in rng.permutation(len(questions))[:turns]]
-        ids = self.encode("<|im_start|>user\n")
-        grid_at = len(ids)
-        ids += [self.pad] * len(cells)
         labels = [-100] * len(ids)
         for i, (_, question, answer) in enumerate(chosen):
             prompt = self.encode(("\n" if i == 0 else "<|im_start|>user\n") + f"{question}<|im_end|>\n<|im_start|>assistant\n")
             reply = self.encode(answer + "<|im_end|>\n")
-            ids += prompt + reply
+            ids = ids + prompt + reply
             labels += [-100] * len(prompt) + reply
-        return Scene(ids, labels, cells, grid_at, chosen[0][0], count)
+        return Scene(ids, labels, cells, slots, chosen[0][0], shapes)
+
+
+def clip_tokens(event: dict, style: str, seconds: int) -> list[tuple[list[int], list[list[str]]]]:
+    """Per second of a clip, `(kept, words)`: the words of each of the frame's merged tokens (what
+    covers it, as in image scenes) and the tokens DiffFP keeps: all of frame 0; later, those whose
+    pixels changed (the actor came, went or moved there); a frame that kept none keeps its first
+    (the processor's `compression_min_tokens` of 1)."""
+    still = [[style] for _ in range(VIDEO_GRID * VIDEO_GRID)]
+    if event["distractor"] is not None:
+        shape, x = event["distractor"]
+        for b in np.flatnonzero(block_cover(shape_mask(shape, x, 18.0, 11.0))):
+            still[b] = [shape.colour, shape.kind, block_quadrant(b)]
+    actor, frames = event["shape"], seconds * curriculum.VIDEO_FPS
+    clip, before = [], None
+    for second in range(seconds):
+        centre = curriculum.actor_centre(event, second * curriculum.VIDEO_FPS, frames)
+        mask = np.zeros((curriculum.VIDEO_SIZE,) * 2, bool) if centre is None else shape_mask(actor, *centre, event["radius"])
+        covered = block_cover(mask)
+        words = [[actor.colour, actor.kind, block_quadrant(b)] if covered[b] else still[b] for b in range(len(still))]
+        kept = list(range(len(words))) if before is None else list(np.flatnonzero(block_cover(mask != before))) or [0]
+        clip.append(([int(b) for b in kept], words))
+        before = mask
+    return clip
+
+
+def shape_mask(shape: curriculum.Shape, x: float, y: float, radius: float) -> np.ndarray:
+    """The pixels of a video frame that `curriculum.draw_shape` paints, `(H, W)` bool."""
+    blank = np.zeros((curriculum.VIDEO_SIZE, curriculum.VIDEO_SIZE, 3), dtype=np.uint8)
+    return curriculum.draw_shape(blank, shape, x, y, radius).any(-1)  # (H, W)
+
+
+def block_cover(mask: np.ndarray) -> np.ndarray:
+    """Which merged tokens of a frame hold any pixel of `mask`, `(VIDEO_GRID ** 2,)` bool in raster order."""
+    side = curriculum.VIDEO_SIZE // VIDEO_GRID
+    return mask.reshape(VIDEO_GRID, side, VIDEO_GRID, side).any(axis=(1, 3)).reshape(-1)  # (G*G,)
+
+
+def block_quadrant(block: int) -> str:
+    row, column = divmod(block, VIDEO_GRID)
+    return curriculum.QUADRANTS[2 * (row >= VIDEO_GRID // 2) + (column >= VIDEO_GRID // 2)]
 
 
 def embed_batch(scenes: list[Scene], embeddings: torch.nn.Embedding, pad: int, noise: float, generator: torch.Generator):
@@ -131,13 +213,15 @@ def embed_batch(scenes: list[Scene], embeddings: torch.nn.Embedding, pad: int, n
     ids = torch.tensor([s.ids + [pad] * (length - len(s.ids)) for s in scenes], device=device)  # (B, S)
     labels = torch.tensor([s.labels + [-100] * (length - len(s.labels)) for s in scenes], device=device)  # (B, S)
     mask = torch.tensor([[1] * len(s.ids) + [0] * (length - len(s.ids)) for s in scenes], device=device)  # (B, S)
-    cells = torch.tensor([s.cells for s in scenes], device=device)  # (B, N, W)
+    n, width = max(len(s.cells) for s in scenes), len(scenes[0].cells[0])
+    cells = torch.tensor([s.cells + [[pad] * width] * (n - len(s.cells)) for s in scenes], device=device)  # (B, N, W)
     grid = (embeddings(cells) * (cells != pad)[..., None]).sum(2)  # (B, N, D)
     jitter = torch.randn(grid.shape, generator=generator).to(device)  # (B, N, D)
     grid = grid + noise * embeddings.weight.std().detach() * jitter
-    tokens = embeddings(ids)  # (B, S, D)
-    n = grid.shape[1]
-    tokens = torch.stack([torch.cat([tokens[b, : s.grid_at], grid[b], tokens[b, s.grid_at + n:]]) for b, s in enumerate(scenes)])  # (B, S, D)
+    rows = torch.tensor([b for b, s in enumerate(scenes) for _ in s.slots], device=device)
+    slots = torch.tensor([i for s in scenes for i in s.slots], device=device)
+    places = torch.tensor([j for s in scenes for j in range(len(s.slots))], device=device)
+    tokens = embeddings(ids).index_put((rows, slots), grid[rows, places])  # (B, S, D)
     return tokens, labels, mask
 
 
@@ -168,12 +252,20 @@ def pretrain_llm(model, tokenizer, config: SceneConfig, device: str = "cpu") -> 
     if config.steps < 0 or config.batch < 1 or config.turns < 1:
         raise ValueError(f"steps={config.steps}, batch={config.batch}, turns={config.turns}: "
                          "steps must be >= 0, batch and turns >= 1")
+    asked = [kind in VIDEO_KINDS for kind in config.kinds]
+    if not 0.0 <= config.videos <= 1.0:
+        raise ValueError(f"videos={config.videos}: the share of video scenes must be within [0, 1]")
+    if config.videos > 0 and not any(asked):
+        raise ValueError(f"kinds={config.kinds} with videos={config.videos}: video scenes need one of {VIDEO_KINDS}")
+    if config.videos < 1 and all(asked):
+        raise ValueError(f"kinds={config.kinds} with videos={config.videos}: image scenes need one of the "
+                         "image kinds (colour, shape, position, count, caption)")
     model.to(device).train()
     trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(not ("vision_encoder" in name or "mm_projector" in name))
     writer = SceneWriter(tokenizer, config)
-    simplest = SceneWriter(tokenizer, dataclasses.replace(config, objects=2, kinds=("colour",)))
+    simplest = SceneWriter(tokenizer, dataclasses.replace(config, objects=2, kinds=("colour",), videos=0.0))
     held_out = [writer(np.random.default_rng(999 + i), 1) for i in range(config.eval_scenes)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   betas=(0.9, config.beta2), weight_decay=0.0)
