@@ -36,18 +36,18 @@ def test_hub_layout(run):
 def test_stages_chain_with_their_own_freezing(run):
     _, work = run
     assert not (work / "llm").exists()  # text pretraining: off in the recipe's plan
-    assert not (work / "positions").exists()  # position-only scenes: off in the recipe's plan
-    scenes, vis, s1, aligned, s2, s4 = (
-        weights(work / name) for name in ("scenes", "vision", "stage1", "align", "stage2", "stage4"))
+    scenes, positions, vis, s1, aligned, s2, s4 = (
+        weights(work / name) for name in ("scenes", "positions", "vision", "stage1", "align", "stage2", "stage4"))
     base = weights(work / "base")
     vision = [k for k in base if ".vision_encoder." in k or ".mm_projector." in k]
     text = [k for k in base if k not in vision]
-    # Scene pretraining trains the LLM only, vision pretraining the encoder only (the stand-ins for
-    # Qwen2.5 and SigLIP); stage 1 keeps the LLM frozen and trains the vision side, and so does the
-    # alignment after it.
-    assert all(torch.equal(base[k], scenes[k]) for k in vision)
-    assert any(not torch.equal(base[k], scenes[k]) for k in text)
-    for before, after in ((scenes, vis), (vis, s1), (s1, aligned)):
+    # Scene pretraining (mixed, then position questions alone) trains the LLM only, vision
+    # pretraining the encoder only (the stand-ins for Qwen2.5 and SigLIP); stage 1 keeps the LLM
+    # frozen and trains the vision side, and so does the alignment after it.
+    for before, after in ((base, scenes), (scenes, positions)):
+        assert all(torch.equal(before[k], after[k]) for k in vision)
+        assert any(not torch.equal(before[k], after[k]) for k in text)
+    for before, after in ((positions, vis), (vis, s1), (s1, aligned)):
         assert all(torch.equal(before[k], after[k]) for k in text)
         assert any(not torch.equal(before[k], after[k]) for k in vision)
     # Stage 2 starts from the aligned model and trains everything; stage 4 is the packaged model.
@@ -59,18 +59,17 @@ def test_stages_chain_with_their_own_freezing(run):
 def test_plan_turns_on_restated_answers_and_switches_steps_on_and_off(tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"curriculum": {"answers": "restated"}, "scenes": {"steps": 0}, "pretrain": {"steps": 2},
-                                "positions": {"steps": 2}, "align": {"steps": 0}}))
+                                "positions": {"steps": 0}, "align": {"steps": 0}}))
     work = tmp_path / "work"
     train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--work", str(work), "--keep-work", "--plan", str(plan)])
     rows = [json.loads(line) for line in (work / "data" / "eval.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "colours" for r in rows)
-    assert not (work / "scenes").exists() and not (work / "align").exists()
-    base, positions, llm = weights(work / "base"), weights(work / "positions"), weights(work / "llm")
+    assert not any((work / name).exists() for name in ("scenes", "positions", "align"))
+    base, llm = weights(work / "base"), weights(work / "llm")
     text = [k for k in base if ".vision_encoder." not in k and ".mm_projector." not in k]
-    # Position-only scenes train the LLM alone; text pretraining follows them.
-    assert all(torch.equal(base[k], positions[k]) for k in base if k not in text)
-    assert any(not torch.equal(base[k], positions[k]) for k in text)
-    assert any(not torch.equal(positions[k], llm[k]) for k in text)
+    # Text pretraining trains the LLM alone.
+    assert all(torch.equal(base[k], llm[k]) for k in base if k not in text)
+    assert any(not torch.equal(base[k], llm[k]) for k in text)
 
 
 def test_plan_balances_the_projector_and_freezes_stage_2s_vision_side(tmp_path):
