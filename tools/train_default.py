@@ -93,11 +93,11 @@ FULL = {
     # Then position questions alone. "Where is the red circle?" among shapes in the same row got
     # the right row and, half the time, the wrong side (the second word needs a second lookup of the
     # shape); mixed scenes took them from 72% to 77% in 400 more steps, position questions alone from
-    # 82% to 98% in 110 steps (100% in 150). Whole recipe, held-out image / video questions (second
-    # set after the slash): without them 87.2% / 75.0%; with 110, 92.9 / 94.8% and 74.2 / 77.5%;
-    # with 150, images 91.7% but video 68.3% ("when" 13 / 32); with 75, images 88.9%. In the time
-    # of the 800 mixed steps alone (690 mixed, then 110, and stages 2 and 4 at 360 and 320 steps):
-    # 89.6 / 92.7% and 70.0 / 76.7%.
+    # 82% to 98% in 110 steps (100% in 150). Whole recipe, held-out questions (the second set's in
+    # brackets): without them images 87.2% (89.4%) and video 75.0% (76.7%); with 110, images 92.9%
+    # (94.8%) and video 74.2% (77.5%); with 150, images 91.7% but video 68.3% ("when" 13 / 32);
+    # with 75, images 88.9%. In the time of the 800 mixed steps alone (690 mixed, then 110, and
+    # stages 2 and 4 at 360 and 320 steps): images 89.6% (92.7%), video 70.0% (76.7%).
     "positions": dict(steps=110, batch=16, lr=1e-3, every=110, eval_scenes=300, seed=1, kinds=("position",)),
     # Off: text pretraining after the scene step (100 steps at lr 1e-3) dropped held-out scenes'
     # colour answers from 100% to 27%, and before it the scene lookups were not learnt by step 800.
