@@ -1,6 +1,6 @@
 """The tiny recipe: train the embedded default VideoLLaMA3 from nothing, on 2 CPU cores, in one command.
 
-    python -m tools.train_default                    # full recipe -> ./tiny_model (about 20 minutes)
+    python -m tools.train_default                    # full recipe -> ./tiny_model (18-23 minutes, `FULL`)
     python -m tools.train_default --quick --out /tmp/t  # a few steps per stage (tests, CI)
 
 Steps, mirroring how the real model was made at a scale a laptop can run:
