@@ -5,7 +5,9 @@
 
 `--model` takes a local folder or Hub id, in this repository's layout or the official one.
 For each answer it prints the visual token budget (kept and pruned by the Differential Frame
-Pruner) and, when the answer is a time span, the span parsed into seconds.
+Pruner) and, when the answer is a time span, the span parsed into seconds. The bundled answers are
+graded as the held-out evaluation grades them (`tools.evaluate_default.is_correct`): exact text,
+and a time span when both its ends are within 1 s of the true ones.
 """
 
 import argparse
@@ -20,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from tools.evaluate_default import TEMPORAL_TOLERANCE_S, is_correct  # noqa: E402
 from tools.spans import parse_span  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "tiny_model"
@@ -29,7 +32,8 @@ logger = logging.getLogger("demo")
 
 
 def bundled_examples() -> list[dict]:
-    """`[{"image"|"video": path, "questions": [...], "answers": [...]}]` shipped with the repository."""
+    """`[{"image"|"video": path, "questions": [...], "kinds": [...], "answers": [...]}]` shipped with
+    the repository; `kinds` are the evaluation's question kinds ("when": a time span)."""
     entries = json.loads(EXAMPLES.read_text())
     for entry in entries:
         for kind in ("image", "video"):
@@ -68,14 +72,15 @@ def main(argv=None) -> int:
         if not args.question:
             parser.error("--question is required with --image or --video")
         kind, media = ("image", args.image) if args.image else ("video", args.video)
-        entries = [{kind: media, "questions": args.question, "answers": [None] * len(args.question)}]
+        entries = [{kind: media, "questions": args.question, "kinds": [None] * len(args.question),
+                    "answers": [None] * len(args.question)}]
     else:
         entries = bundled_examples()
 
     correct = total = 0
     for entry in entries:
         kind = "image" if "image" in entry else "video"
-        for question, expected in zip(entry["questions"], entry["answers"]):
+        for question, question_kind, expected in zip(entry["questions"], entry["kinds"], entry["answers"]):
             text, kept, pruned = answer(model, processor, kind, entry[kind], question, args.max_new_tokens)
             line = f"[{kind}] {Path(entry[kind]).name} | Q: {question}\n    A: {text}"
             line += f"\n    visual tokens: {kept} kept, {pruned} pruned"
@@ -85,12 +90,15 @@ def main(argv=None) -> int:
             except ValueError:
                 pass
             if expected is not None:
+                right = is_correct(question_kind, text, expected)
                 total += 1
-                correct += text == expected
-                line += f"\n    expected: {expected} ({'right' if text == expected else 'wrong'})"
+                correct += right
+                rule = f", both ends within {TEMPORAL_TOLERANCE_S:.0f} s" if question_kind == "when" else ""
+                line += f"\n    expected: {expected} ({'right' if right else 'wrong'}{rule})"
             logger.info(line)
     if total:
-        logger.info(f"{correct}/{total} bundled questions answered exactly")
+        logger.info(f"{correct}/{total} bundled questions answered right (exact; time spans within "
+                    f"{TEMPORAL_TOLERANCE_S:.0f} s at both ends)")
     return 0
 
 
