@@ -152,6 +152,8 @@ def test_config_rejects_unknown_modules_and_policies():
         Videollama3SFTConfig(output_dir="x", trainable_modules=["vision_tower"], use_cpu=True)
     with pytest.raises(ValueError, match="media_error_policy"):
         Videollama3SFTConfig(output_dir="x", media_error_policy="ignore", use_cpu=True)
+    with pytest.raises(ValueError, match="encoded_sample_cache must be >= 0, got -1"):
+        Videollama3SFTConfig(output_dir="x", encoded_sample_cache=-1, use_cpu=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,6 +185,25 @@ def test_both_formats_load_and_encode_identically(tmp_path, media_root, processo
     items = to_conversation(official[3]).messages[1]["content"]
     assert [item["type"] for item in items] == ["image", "video", "text"]
     assert to_conversation(official[1]).media[0].end_time == 3.0
+
+
+def test_sample_cache_gives_the_encoded_sample_of_a_row_seen_before(tmp_path, media_root, processor):
+    """A row seen again (another index, same content) is served from the cache with its own index;
+    the batch equals the uncached one; the least recently used entry leaves first."""
+    rows = records(official_rows() + official_rows()[:2])  # rows 4 and 5 repeat rows 0 and 1
+    plain = build_collator(processor, train_args(tmp_path, media_root))
+    cached = build_collator(processor, train_args(tmp_path, media_root, encoded_sample_cache=3))
+    encoder = cached.encoder
+    first = [encoder(rows[i]) for i in range(3)]
+    again = encoder(rows[4])
+    assert again.index == 4 and first[0].index == 0
+    assert again.pixel_values is first[0].pixel_values  # not decoded again
+    assert len(encoder._cache) == 3
+    encoder(rows[3])  # a fourth distinct row evicts the least recently used one (row 1; row 0 was just used)
+    assert len(encoder._cache) == 3
+    assert encoder(rows[5]).pixel_values is not first[1].pixel_values  # row 1's content was evicted
+    for a, b in zip(plain([rows[i] for i in range(6)]).values(), cached([rows[i] for i in range(6)]).values()):
+        assert torch.equal(a, b)
 
 
 def test_supervised_tokens_are_exactly_assistant_replies(tmp_path, media_root, processor):

@@ -40,6 +40,9 @@ class Videollama3SFTConfig(SFTConfig):
             logs it.
         add_system_prompt: prepend the official VideoLLaMA3 system prompt to conversations that
             have no system message.
+        encoded_sample_cache: encoded samples kept in memory, keyed by row content, so rows seen
+            again skip media decoding and tokenizing (`SampleEncoder.cache_size`; 0: none). For
+            small datasets trained over several epochs or mixtures with copies; memory grows with it.
         multimodal_packing: concatenate the samples of a device batch into one row, with
             `position_ids` restarting per sample and no padding (TRL's own `packing` and
             `padding_free` refuse vision data and stay off).
@@ -67,6 +70,7 @@ class Videollama3SFTConfig(SFTConfig):
     media_error_policy: str = field(default="fail", metadata={"help": "fail or skip."})
     add_system_prompt: bool = field(default=False, metadata={"help": "Prepend the official system prompt."})
     multimodal_packing: bool = field(default=False, metadata={"help": "Padding-free packing of each device batch."})
+    encoded_sample_cache: int = field(default=0, metadata={"help": "Encoded samples kept in memory (0: none)."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -94,6 +98,8 @@ class Videollama3SFTConfig(SFTConfig):
             raise ValueError(f"media_error_policy must be one of {MEDIA_ERROR_POLICIES}, got {self.media_error_policy!r}")
         if self.stage is not None and self.stage not in (1, 2, 3, 4):
             raise ValueError(f"stage must be 1, 2, 3 or 4, got {self.stage!r}")
+        if int(self.encoded_sample_cache) < 0:
+            raise ValueError(f"encoded_sample_cache must be >= 0, got {self.encoded_sample_cache!r}")
         for name in ("image_merge_size", "video_merge_size", "max_frames", "max_visual_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")

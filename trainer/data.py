@@ -22,8 +22,8 @@ import json
 import logging
 import os
 import re
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -323,6 +323,11 @@ class SampleEncoder:
     every assistant reply and its `<|im_end|>` is supervised, nothing else. A sample longer than
     `max_length` raises `SampleTooLongError` instead of being truncated; media that cannot be
     loaded raise `MediaLoadError` naming the sample index and the path.
+
+    `cache_size`: keep up to that many encoded samples in memory (least recently used out first),
+    keyed by the row's content, so a row seen again (another epoch, or a copy in a mixture) skips
+    decoding, resizing and tokenizing; the processor is deterministic, so the sample is the same.
+    Each entry holds its pixel patches, so memory grows with it. 0 (default) caches nothing.
     """
 
     processor: object
@@ -335,8 +340,23 @@ class SampleEncoder:
     max_visual_tokens: int = 10240
     use_token_compression: bool = True
     add_system_prompt: bool = False
+    cache_size: int = 0
+    _cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
 
     def __call__(self, row: dict) -> EncodedSample:
+        if not self.cache_size:
+            return self.encode(row)
+        key = json.dumps({k: v for k, v in row.items() if k != INDEX_COLUMN}, sort_keys=True, default=str)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return replace(cached, index=to_conversation(row).index)
+        sample = self._cache[key] = self.encode(row)
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return sample
+
+    def encode(self, row: dict) -> EncodedSample:
         conversation = to_conversation(row)
         messages = processor_messages(conversation, self.data_root)
         try:
@@ -507,6 +527,7 @@ def build_collator(processor, config, dataset=None) -> Videollama3DataCollator:
         max_visual_tokens=config.max_visual_tokens,
         use_token_compression=config.use_token_compression,
         add_system_prompt=config.add_system_prompt,
+        cache_size=config.encoded_sample_cache,
     )
     tokenizer = getattr(processor, "tokenizer", processor)
     return Videollama3DataCollator(
