@@ -204,6 +204,12 @@ def test_sample_cache_gives_the_encoded_sample_of_a_row_seen_before(tmp_path, me
     assert encoder(rows[5]).pixel_values is not first[1].pixel_values  # row 1's content was evicted
     for a, b in zip(plain([rows[i] for i in range(6)]).values(), cached([rows[i] for i in range(6)]).values()):
         assert torch.equal(a, b)
+    # Media in memory have no content key: two different images of one size are both encoded.
+    row = {**messages_rows()[0], INDEX_COLUMN: 0}
+    first = encoder({**row, "images": [Image.new("RGB", (84, 56), (200, 0, 0))]})
+    second = encoder({**row, "images": [Image.new("RGB", (84, 56), (0, 0, 200))]})
+    assert not torch.equal(first.pixel_values, second.pixel_values)
+    assert len(encoder._cache) == 3
 
 
 def test_supervised_tokens_are_exactly_assistant_replies(tmp_path, media_root, processor):

@@ -326,8 +326,10 @@ class SampleEncoder:
 
     `cache_size`: keep up to that many encoded samples in memory (least recently used out first),
     keyed by the row's content, so a row seen again (another epoch, or a copy in a mixture) skips
-    decoding, resizing and tokenizing; the processor is deterministic, so the sample is the same.
-    Each entry holds its pixel patches, so memory grows with it. 0 (default) caches nothing.
+    decoding, resizing and tokenizing; the processor is deterministic, so the sample is the same
+    as long as the media files do not change during the run. Rows holding media in memory rather
+    than as paths are not cached. Each entry holds its pixel patches, so memory grows with it.
+    0 (default) caches nothing.
     """
 
     processor: object
@@ -346,7 +348,10 @@ class SampleEncoder:
     def __call__(self, row: dict) -> EncodedSample:
         if not self.cache_size:
             return self.encode(row)
-        key = json.dumps({k: v for k, v in row.items() if k != INDEX_COLUMN}, sort_keys=True, default=str)
+        try:
+            key = json.dumps({k: v for k, v in row.items() if k != INDEX_COLUMN}, sort_keys=True)
+        except TypeError:  # in-memory media (PIL images, bytes, arrays) have no content key: not cached
+            return self.encode(row)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
