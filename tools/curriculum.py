@@ -51,6 +51,9 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
 IMAGE_SIZE = 84
 VIDEO_SIZE = 112
+# A video's static distractor: centred this far from the top and from the left or right edge.
+DISTRACTOR_INSET = 18.0
+DISTRACTOR_RADIUS = 11.0
 VIDEO_FPS = 10
 ANSWER_STYLES = ("short", "restated")
 SYSTEM_NAME = "I am VideoLLaMA3, a tiny model that describes shapes in images and videos."
@@ -209,8 +212,8 @@ def video_event(rng: np.random.Generator, seconds: int) -> dict:
     shapes = distinct_shapes(rng, count)
     event = {"shape": shapes[0], "radius": float(rng.uniform(15, 18)), "distractor": None}
     if count == 2:
-        # A static distractor in a corner the actor's path avoids (centre y 18, x 18 or 94, radius 11).
-        event["distractor"] = (shapes[1], float(rng.choice([18, VIDEO_SIZE - 18])))
+        # A static distractor in a top corner the actor's path avoids (centre y 18, x 18 or 94, radius 11).
+        event["distractor"] = (shapes[1], float(rng.choice([DISTRACTOR_INSET, VIDEO_SIZE - DISTRACTOR_INSET])))
     if rng.random() < 0.5:
         start = int(rng.integers(0, seconds - 1))
         end = int(rng.integers(start + 1, seconds + 1))
@@ -246,7 +249,7 @@ def make_video(rng: np.random.Generator):
     event = video_event(rng, seconds)
     if event["distractor"] is not None:
         shape, x = event["distractor"]
-        canvas = draw_shape(canvas, shape, x, 18.0, 11.0)
+        canvas = draw_shape(canvas, shape, x, DISTRACTOR_INSET, DISTRACTOR_RADIUS)
     frames = np.empty((seconds * VIDEO_FPS, VIDEO_SIZE, VIDEO_SIZE, 3), dtype=np.uint8)
     for i in range(len(frames)):
         centre = actor_centre(event, i, len(frames))
@@ -415,7 +418,8 @@ def write_examples(out_dir) -> dict[str, Path]:
     image_path = out / "shapes.png"
     Image.fromarray(canvas).save(image_path, optimize=False)
 
-    scene = draw_shape(background(rng, VIDEO_SIZE, "checkered"), Shape("purple", "circle"), 18.0, 18.0, 11.0)
+    scene = draw_shape(background(rng, VIDEO_SIZE, "checkered"), Shape("purple", "circle"), DISTRACTOR_INSET,
+                       DISTRACTOR_INSET, DISTRACTOR_RADIUS)
     shown = draw_shape(scene, Shape("green", "square"), 70.0, 72.0, 16.0)
     frames = np.stack([shown if 2 <= i / VIDEO_FPS < 5 else scene for i in range(8 * VIDEO_FPS)])
     video_path = out / "shapes.mp4"

@@ -173,7 +173,7 @@ def clip_tokens(event: dict, style: str, seconds: int) -> list[tuple[list[int], 
     still = [[style] for _ in range(VIDEO_GRID * VIDEO_GRID)]
     if event["distractor"] is not None:
         shape, x = event["distractor"]
-        for b in np.flatnonzero(block_cover(shape_mask(shape, x, 18.0, 11.0))):
+        for b in np.flatnonzero(block_cover(shape_mask(shape, x, curriculum.DISTRACTOR_INSET, curriculum.DISTRACTOR_RADIUS))):
             still[b] = [shape.colour, shape.kind, block_quadrant(b)]
     actor, frames = event["shape"], seconds * curriculum.VIDEO_FPS
     clip, before = [], None
