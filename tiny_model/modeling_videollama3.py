@@ -113,10 +113,12 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens
     if query.shape[0] != 1:
         raise ValueError(f"cu_seq_lens_q describes the samples of one packed row, but the batch has {query.shape[0]} rows")
     kwargs.pop("is_causal", None)
-    bounds = cu_seq_lens_q.tolist()
+    # split, not one slice per sample: each slice's backward writes its gradient into a zeroed
+    # tensor of the whole row, which makes the backward O(samples x S); split's is one cat.
+    sizes = cu_seq_lens_q.diff().tolist()
     outputs = [
-        sdpa(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, is_causal=True, **kwargs)[0]
-        for start, end in zip(bounds[:-1], bounds[1:])
+        sdpa(module, q, k, v, None, is_causal=True, **kwargs)[0]
+        for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
     ]  # each (1, S_i, H, hd)
     return torch.cat(outputs, dim=1), None  # (1, S, H, hd)
 
