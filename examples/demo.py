@@ -93,7 +93,10 @@ def main(argv=None) -> int:
                 right = is_correct(question_kind, text, expected)
                 total += 1
                 correct += right
-                rule = f", both ends within {TEMPORAL_TOLERANCE_S:.0f} s" if question_kind == "when" else ""
+                rule = ""
+                if question_kind == "when":
+                    rule = (f", both ends within {TEMPORAL_TOLERANCE_S:.0f} s" if right
+                            else f", an end more than {TEMPORAL_TOLERANCE_S:.0f} s off or no span")
                 line += f"\n    expected: {expected} ({'right' if right else 'wrong'}{rule})"
             logger.info(line)
     if total:
