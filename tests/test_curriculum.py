@@ -3,7 +3,9 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tools import curriculum
 from tools.local import remote_module
@@ -114,3 +116,34 @@ def test_image_answers_match_the_drawn_objects(tmp_path, answers):
 def test_unknown_answer_style_is_refused(tmp_path):
     with pytest.raises(ValueError, match="answers='long'"):
         curriculum.generate(tmp_path, images=1, videos=0, texts=0, answers="long")
+
+
+def shape_centres_x(path, objects):
+    """The x centre (bounding box) of each object's pixels in one written image."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    centres = []
+    for o in objects:
+        xs = np.nonzero((pixels == curriculum.COLOURS[o["colour"]]).all(-1).any(0))[0]
+        centres.append((xs.min() + xs.max() + 1) / 2)
+    return centres
+
+
+def test_wide_images_are_vision_rows_at_every_patch_phase(written, tmp_path):
+    curriculum.generate(tmp_path, seed=3, wide_images=8, **SIZES)
+    for name in ("image", "caption", "video", "text", "eval"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (written / f"{name}.jsonl").read_bytes()
+    base = [json.loads(line) for line in open(written / "vision.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "vision.jsonl")]
+    assert rows[: len(base)] == base and len(rows) == len(base) + 8
+    patch = 14
+    phases = {"image": [], "wide": []}
+    for kind, group in (("image", base), ("wide", rows[len(base):])):
+        for row in group:
+            size = Image.open(tmp_path / row["image"]).size
+            assert size == ((curriculum.IMAGE_SIZE,) * 2 if kind == "image" else (curriculum.VIDEO_SIZE,) * 2)
+            for o, x in zip(row["objects"], shape_centres_x(tmp_path / row["image"], row["objects"])):
+                assert o["quadrant"].endswith("left") == (x < size[0] / 2)
+                phases[kind].append(x % patch)
+    # 84 px images: every shape centred within 4.5 px of a patch's middle; wide ones anywhere in it.
+    assert all(abs(p - patch / 2) <= 4.5 for p in phases["image"])
+    assert max(phases["wide"]) - min(phases["wide"]) > patch / 2

@@ -119,14 +119,14 @@ def distinct_shapes(rng: np.random.Generator, count: int) -> list[Shape]:
 # ---- images ------------------------------------------------------------------------------------
 
 
-def make_image(rng: np.random.Generator):
-    """Returns `(pixels, shapes, quadrants, background style)` of one random scene."""
+def make_image(rng: np.random.Generator, size: int = IMAGE_SIZE):
+    """Returns `(pixels, shapes, quadrants, background style)` of one random `size`-pixel scene."""
     count = int(rng.integers(1, 4))
     shapes = distinct_shapes(rng, count)
     quadrants = [int(q) for q in rng.choice(4, size=count, replace=False)]
     style = str(rng.choice(BACKGROUNDS))
-    canvas = background(rng, IMAGE_SIZE, style)
-    half = IMAGE_SIZE / 2
+    canvas = background(rng, size, style)
+    half = size / 2
     for shape, quadrant in zip(shapes, quadrants):
         # Shapes nearly fill their quadrant (about 3x3 patches of 14 px): at 2x2 patches a circle,
         # a square and a triangle differ by a few pixels, which a tiny encoder does not resolve.
@@ -328,7 +328,7 @@ def conversation(tag: str | None, turns: list[tuple[str, str]]) -> list[dict]:
 
 
 def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, texts: int = 300, turns: int = 3,
-             prefix: str = "", answers: str = "short") -> dict[str, Path]:
+             prefix: str = "", answers: str = "short", wide_images: int = 0) -> dict[str, Path]:
     """Write media and the JSONL files below under `out_dir`; returns their paths by name.
 
     * `image.jsonl`: one line per image with up to `turns` question turns (caption included
@@ -342,6 +342,12 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
       for the held-out evaluation (use a different seed).
 
     `answers` is the style of the image answers, "short" or "restated" (`image_questions`).
+    `wide_images`: that many more images at the video frames' size (`VIDEO_SIZE`), listed in
+    `vision.jsonl` only. An 84 px image leaves a shape 1-4 px of play in its quadrant, so its centre
+    always lies near the middle of a 14 px patch; video shapes lie anywhere, and an encoder that
+    learnt kinds only at that phase misnames them when their centre is near a patch border. In a
+    112 px image a shape moves 8-11 px in its quadrant: every phase. They are drawn after
+    everything else, so the other files are the same with or without them.
     """
     check_answer_style(answers)
     out = Path(out_dir)
@@ -380,6 +386,13 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     for _ in range(texts):
         rows["text"].append({"conversations": conversation(None, text_sample(rng))})
 
+    for i in range(wide_images):
+        pixels, shapes, quadrants, style = make_image(rng, VIDEO_SIZE)
+        rel = f"images/{prefix}wide{i:05d}.png"
+        Image.fromarray(pixels).save(out / rel, optimize=False)
+        objects = [{"colour": s.colour, "shape": s.kind, "quadrant": QUADRANTS[q]} for s, q in zip(shapes, quadrants)]
+        rows["vision"].append({"image": rel, "objects": objects, "background": style})
+
     paths = {}
     for name, items in rows.items():
         paths[name] = out / f"{name}.jsonl"
@@ -400,16 +413,32 @@ def corpus_text(paths: dict[str, Path]) -> list[str]:
     return texts
 
 
+DEMO_SEED = 7
+DEMO_CENTRE = (70.0, 72.0)
+
+
+def demo_frames(kind: str = "square", centre: tuple[float, float] = DEMO_CENTRE) -> np.ndarray:
+    """`(T, H, W, 3)` frames of the demo video (8 s): a green `kind` of radius 16 centred at
+    `centre` (x, y), visible from 2.0 to 5.0 seconds, on a checkered background with a static purple
+    circle in the top-left corner. The defaults are the bundled clip; `tools.demo_sweep` moves the
+    shape."""
+    rng = np.random.default_rng(DEMO_SEED)
+    background(rng, IMAGE_SIZE, "striped")  # the demo image's background is drawn first
+    scene = draw_shape(background(rng, VIDEO_SIZE, "checkered"), Shape("purple", "circle"), DISTRACTOR_INSET,
+                       DISTRACTOR_INSET, DISTRACTOR_RADIUS)
+    shown = draw_shape(scene, Shape("green", kind), *centre, 16.0)
+    return np.stack([shown if 2 <= i / VIDEO_FPS < 5 else scene for i in range(8 * VIDEO_FPS)])
+
+
 def write_examples(out_dir) -> dict[str, Path]:
     """The demo's bundled media: a fixed image and a fixed video, in the curriculum's style.
 
     image: a red circle (top left), a blue square (top right) and a yellow triangle (bottom right)
-    on a striped background; video (8 s): a green square visible from 2.0 to 5.0 seconds on a
-    checkered background with a static purple circle in the top-left corner.
+    on a striped background; video: `demo_frames()`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(DEMO_SEED)
     half = IMAGE_SIZE / 2
     canvas = background(rng, IMAGE_SIZE, "striped")
     for shape, quadrant in ((Shape("red", "circle"), 0), (Shape("blue", "square"), 1), (Shape("yellow", "triangle"), 3)):
@@ -417,13 +446,8 @@ def write_examples(out_dir) -> dict[str, Path]:
         canvas = draw_shape(canvas, shape, cx, cy, 17.0)
     image_path = out / "shapes.png"
     Image.fromarray(canvas).save(image_path, optimize=False)
-
-    scene = draw_shape(background(rng, VIDEO_SIZE, "checkered"), Shape("purple", "circle"), DISTRACTOR_INSET,
-                       DISTRACTOR_INSET, DISTRACTOR_RADIUS)
-    shown = draw_shape(scene, Shape("green", "square"), 70.0, 72.0, 16.0)
-    frames = np.stack([shown if 2 <= i / VIDEO_FPS < 5 else scene for i in range(8 * VIDEO_FPS)])
     video_path = out / "shapes.mp4"
-    write_video(video_path, frames)
+    write_video(video_path, demo_frames())
     return {"image": image_path, "video": video_path}
 
 
@@ -434,10 +458,11 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--videos", type=int, default=300)
     parser.add_argument("--texts", type=int, default=300)
+    parser.add_argument("--wide-images", type=int, default=0, help="112 px images, in vision.jsonl only (vision pretraining, alignment)")
     parser.add_argument("--answers", choices=ANSWER_STYLES, default="short", help="style of the image answers")
     args = parser.parse_args(argv)
     paths = generate(args.out_dir, seed=args.seed, images=args.images, videos=args.videos, texts=args.texts,
-                     answers=args.answers)
+                     answers=args.answers, wide_images=args.wide_images)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
