@@ -1,6 +1,6 @@
 """The tiny recipe: train the embedded default VideoLLaMA3 from nothing, on 2 CPU cores, in one command.
 
-    python -m tools.train_default                    # full recipe -> ./tiny_model (18-23 minutes, `FULL`)
+    python -m tools.train_default                    # full recipe -> ./tiny_model (18-25 minutes, `FULL`)
     python -m tools.train_default --quick --out /tmp/t  # a few steps per stage (tests, CI)
 
 Steps, mirroring how the real model was made at a scale a laptop can run:
@@ -74,8 +74,9 @@ MODEL = dict(
 FULL = {
     # 256 wide with 8 heads: on symbolic scenes it learns the lookups by step 800 (`scenes`), the
     # 128-wide LLM not in 1000. The scene steps take 4.5-7 minutes, hence 60 / 380 / 320 / 340 steps
-    # for stages 1-4: 23.2 minutes (1392 s, scene step 377 s) on 2 cores in a slow hour, about 18 minutes
-    # (1075 s) at the per-step times of a faster hour: the machine's speed varies by 30-40% hour to hour.
+    # for stages 1-4: 23.2-24.8 minutes (1392-1487 s, scene step 377-431 s) on 2 cores in slow hours,
+    # about 18 minutes (1075 s) at the per-step times of a faster hour: the machine's speed varies by
+    # 30-40% hour to hour.
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
@@ -90,7 +91,9 @@ FULL = {
     # (chained from the recipe's scene steps; both held-out sets together) "what appears" went from
     # 47 to 52 of 60 and "what moves" from 50 to 55, but direction fell from 57 to 44 of 60 (mostly
     # "right" for left), captions from 220 to 189 of 300, images to 91.8% / 92.7% and video to
-    # 73.3% / 75.8%, and vision pretraining and alignment took 38 s more.
+    # 73.3% / 75.8%, and vision pretraining and alignment took 38 s more. With 400: appear 49, moves
+    # 56, direction 43 of 60, captions 178 of 300, images 92.4% / 92.4%, video 75.8% / 74.2%; the
+    # demo clip's square (`tools.demo_sweep --step 4`) was named at 49 of 196 places.
     "curriculum": dict(images=2000, videos=1000, texts=600),
     # The stand-in for Qwen2.5's lookups in context (`tools.scene_pretrain`): from fresh weights,
     # held-out scenes are answered at 1 in n among several shapes until about step 400; at step 800
