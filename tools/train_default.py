@@ -92,8 +92,9 @@ FULL = {
     # 47 to 52 of 60 and "what moves" from 50 to 55, but direction fell from 57 to 44 of 60 (mostly
     # "right" for left), captions from 220 to 189 of 300, images to 91.8% / 92.7% and video to
     # 73.3% / 75.8%, and vision pretraining and alignment took 38 s more. With 400: appear 49, moves
-    # 56, direction 43 of 60, captions 178 of 300, images 92.4% / 92.4%, video 75.8% / 74.2%; the
-    # demo clip's square (`tools.demo_sweep --step 4`) was named at 49 of 196 places.
+    # 56, direction 43 of 60, captions 178 of 300, images 92.4% / 92.4%, video 75.8% / 74.2%. The
+    # demo clip's square (`tools.demo_sweep --step 4`) was named at 85 (1000) and 49 (400) of 196
+    # places, against 70 without, and its span right at 87 and 99 against 146.
     "curriculum": dict(images=2000, videos=1000, texts=600),
     # The stand-in for Qwen2.5's lookups in context (`tools.scene_pretrain`): from fresh weights,
     # held-out scenes are answered at 1 in n among several shapes until about step 400; at step 800
