@@ -26,11 +26,14 @@ def test_sweep_at_the_bundled_centre_answers_as_the_demo(model_and_processor):  
     assert set(results["appear"]) == {(x, x), (y, x), (x, y), (y, y)}
     model, processor = model_and_processor
     video = str(REPO_ROOT / "examples" / "media" / "shapes.mp4")
-    for name, question in (("appear", "What appears in the video?"), ("when", "When does the green square appear?")):
+    bundled = next(entry for entry in DEMO.bundled_examples() if "video" in entry)
+    asked = curriculum.video_questions(curriculum.demo_event())  # what the sweep asks
+    assert [(k, q, a) for k, q, a in asked] == list(zip(bundled["kinds"], bundled["questions"], bundled["answers"]))
+    for question, name, expected in zip(bundled["questions"], bundled["kinds"], bundled["answers"]):
         text, _, _ = DEMO.answer(model, processor, "video", video, question, 40)
         right, answer = results[name][(x, y)]
         assert answer == text
-        assert right == DEMO.is_correct(name, text, {"appear": "a green square", "when": demo_sweep.SPAN}[name])
+        assert right == DEMO.is_correct(name, text, expected)
 
 
 @pytest.mark.parametrize("kind, centres, message", [

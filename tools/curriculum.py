@@ -247,6 +247,11 @@ def make_video(rng: np.random.Generator):
     style = str(rng.choice(BACKGROUNDS))
     canvas = background(rng, VIDEO_SIZE, style)
     event = video_event(rng, seconds)
+    return render_clip(canvas, event, seconds), event
+
+
+def render_clip(canvas: np.ndarray, event: dict, seconds: int) -> np.ndarray:
+    """`(T, H, W, 3)` uint8 frames at `VIDEO_FPS` of `event` (`video_event`) on a `canvas` background."""
     if event["distractor"] is not None:
         shape, x = event["distractor"]
         canvas = draw_shape(canvas, shape, x, DISTRACTOR_INSET, DISTRACTOR_RADIUS)
@@ -254,7 +259,7 @@ def make_video(rng: np.random.Generator):
     for i in range(len(frames)):
         centre = actor_centre(event, i, len(frames))
         frames[i] = canvas if centre is None else draw_shape(canvas, event["shape"], *centre, event["radius"])
-    return frames, event
+    return frames
 
 
 def video_questions(event) -> list[tuple[str, str, str]]:
@@ -327,6 +332,12 @@ def conversation(tag: str | None, turns: list[tuple[str, str]]) -> list[dict]:
     return messages
 
 
+def vision_row(rel: str, shapes, quadrants, style: str) -> dict:
+    """One `vision.jsonl` line: the image's path, its objects and its background style."""
+    objects = [{"colour": s.colour, "shape": s.kind, "quadrant": QUADRANTS[q]} for s, q in zip(shapes, quadrants)]
+    return {"image": rel, "objects": objects, "background": style}
+
+
 def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, texts: int = 300, turns: int = 3,
              prefix: str = "", answers: str = "short", wide_images: int = 0) -> dict[str, Path]:
     """Write media and the JSONL files below under `out_dir`; returns their paths by name.
@@ -365,8 +376,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
         chosen = [qa[j] for j in order[:turns]]
         rows["image"].append({"image": [rel], "conversations": conversation("<image>", [(q, a) for _, q, a in chosen])})
         caption = qa[-1]
-        objects = [{"colour": s.colour, "shape": s.kind, "quadrant": QUADRANTS[q]} for s, q in zip(shapes, quadrants)]
-        rows["vision"].append({"image": rel, "objects": objects, "background": style})
+        rows["vision"].append(vision_row(rel, shapes, quadrants, style))
         rows["caption"].append({"image": [rel], "conversations": conversation("<image>", [caption[1:]])})
         for kind, q, a in qa:
             rows["eval"].append({"image": [rel], "modality": "image", "kind": kind,
@@ -390,8 +400,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
         pixels, shapes, quadrants, style = make_image(rng, VIDEO_SIZE)
         rel = f"images/{prefix}wide{i:05d}.png"
         Image.fromarray(pixels).save(out / rel, optimize=False)
-        objects = [{"colour": s.colour, "shape": s.kind, "quadrant": QUADRANTS[q]} for s, q in zip(shapes, quadrants)]
-        rows["vision"].append({"image": rel, "objects": objects, "background": style})
+        rows["vision"].append(vision_row(rel, shapes, quadrants, style))
 
     paths = {}
     for name, items in rows.items():
@@ -417,17 +426,19 @@ DEMO_SEED = 7
 DEMO_CENTRE = (70.0, 72.0)
 
 
+def demo_event(kind: str = "square", centre: tuple[float, float] = DEMO_CENTRE) -> dict:
+    """The demo video's event (`video_event`): a green `kind` of radius 16 centred at `centre`
+    (x, y), visible from 2.0 to 5.0 seconds, with a static purple circle in the top-left corner."""
+    return {"shape": Shape("green", kind), "radius": 16.0, "distractor": (Shape("purple", "circle"), DISTRACTOR_INSET),
+            "kind": "appear", "start": 2, "end": 5, "centre": centre}
+
+
 def demo_frames(kind: str = "square", centre: tuple[float, float] = DEMO_CENTRE) -> np.ndarray:
-    """`(T, H, W, 3)` frames of the demo video (8 s): a green `kind` of radius 16 centred at
-    `centre` (x, y), visible from 2.0 to 5.0 seconds, on a checkered background with a static purple
-    circle in the top-left corner. The defaults are the bundled clip; `tools.demo_sweep` moves the
-    shape."""
+    """`(T, H, W, 3)` frames of the demo video (8 s, `demo_event` on a checkered background). The
+    defaults are the bundled clip; `tools.demo_sweep` moves the shape."""
     rng = np.random.default_rng(DEMO_SEED)
     background(rng, IMAGE_SIZE, "striped")  # the demo image's background is drawn first
-    scene = draw_shape(background(rng, VIDEO_SIZE, "checkered"), Shape("purple", "circle"), DISTRACTOR_INSET,
-                       DISTRACTOR_INSET, DISTRACTOR_RADIUS)
-    shown = draw_shape(scene, Shape("green", kind), *centre, 16.0)
-    return np.stack([shown if 2 <= i / VIDEO_FPS < 5 else scene for i in range(8 * VIDEO_FPS)])
+    return render_clip(background(rng, VIDEO_SIZE, "checkered"), demo_event(kind, centre), seconds=8)
 
 
 def write_examples(out_dir) -> dict[str, Path]:

@@ -23,9 +23,6 @@ from tools import curriculum
 from tools.evaluate_default import answer_batch, is_correct, load
 from tools.local import REPO_ROOT
 
-SPAN = "2.0-5.0 seconds"  # the demo clip shows its shape from 2.0 to 5.0 s
-
-
 def sweep(model_path: str, kind: str, centres: list[int], batch_size: int = 16, device: str = "cpu") -> dict:
     """`{question kind: {(x, y): (right, answer)}}` for the demo clip with its shape at each `(x, y)`
     of `centres` x `centres`."""
@@ -37,8 +34,7 @@ def sweep(model_path: str, kind: str, centres: list[int], batch_size: int = 16, 
         raise ValueError(f"centres {outside}: outside {lowest}-{highest} px, the shape would leave the frame")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, processor = load(model_path, device)
-    questions = [("appear", "What appears in the video?", f"a green {kind}"),
-                 ("when", f"When does the green {kind} appear?", SPAN)]
+    questions = curriculum.video_questions(curriculum.demo_event(kind))  # the same wherever the shape is
     results = {name: {} for name, _, _ in questions}
     with tempfile.TemporaryDirectory(prefix="videollama3-sweep-") as scratch:
         clips = []
