@@ -127,10 +127,17 @@ class Conversation:
         return [item[item["type"]] for m in self.messages for item in m["content"] if item["type"] in ("image", "video")]
 
 
+def row_index(row: dict, record: dict | None = None) -> int | None:
+    """The dataset index a row carries (`INDEX_COLUMN`), in either row format; `record`: the row's
+    `row_record`, when already decoded."""
+    record = row_record(row) if record is None else record
+    return record.get(INDEX_COLUMN, row.get(INDEX_COLUMN))
+
+
 def to_conversation(row: dict, index: int | None = None) -> Conversation:
     """Either row format as a `Conversation`; raises `SampleError` for a malformed row."""
     record = row_record(row)
-    index = record.get(INDEX_COLUMN, row.get(INDEX_COLUMN)) if index is None else index
+    index = row_index(row, record) if index is None else index
     if record.get("conversations") is not None:
         return Conversation(index, _official_messages(record, index))
     if record.get("messages") is not None:
@@ -355,7 +362,7 @@ class SampleEncoder:
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
-            return replace(cached, index=to_conversation(row).index)
+            return replace(cached, index=row_index(row))  # the row's own index, without rebuilding its messages
         sample = self._cache[key] = self.encode(row)
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
