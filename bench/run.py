@@ -44,7 +44,8 @@ def run_benchmark(name: str, toy: bool, repeats: int) -> list[Row]:
     if name == "vision":
         from bench import vision as m
 
-        return m.run(m.TOY if toy else m.FULL, repeats)
+        return m.run(m.TOY if toy else m.FULL, repeats) + m.run_training(
+            m.TOY if toy else m.FULL, m.TOY_TRAIN_GRIDS if toy else m.TRAIN_GRIDS, repeats)
     if name == "memory":
         from bench import memory as m
 

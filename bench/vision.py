@@ -4,9 +4,14 @@
 count is reduced from 27 to fit CPU time; every layer is the same, so time per layer is the same.
 Achieved GFLOP/s (matmuls and attention counted, 2 FLOPs per multiply-add) is compared with
 the rate of plain `torch.mm` on the encoder's own matmul shapes, measured in the same run.
+
+Then a training step of the encoder (forward and backward, as stages 1-3 train it) on a batch of
+images that each have their own size (`TRAIN_GRIDS`, merge 1): every image is its own attention
+chunk, the case where per-chunk slicing would make the backward O(chunks x N).
 """
 
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 
 import torch
 
@@ -41,6 +46,9 @@ class VisionSpec:
 
 FULL = VisionSpec()
 TOY = VisionSpec(hidden=64, heads=4, mlp=128, layers=1, frames=2, grid_h=4, grid_w=6)
+# 24 images of distinct patch grids (8-22 rows by 10-24 columns), 6,288 patches in all.
+TRAIN_GRIDS = [(1, 8 + 2 * (i % 8), 10 + 2 * (i // 3)) for i in range(24)]
+TOY_TRAIN_GRIDS = [(1, 2, 2), (1, 2, 4), (1, 4, 2)]
 
 
 def build_pair(spec: VisionSpec, attn_implementation: str = "sdpa", dtype=torch.float32, device="cpu"):
@@ -118,3 +126,47 @@ def run(spec: VisionSpec = FULL, repeats: int = 3) -> list[Row]:
         Row("2 vision forward", case, "GFLOP/s", gflops, rate, "torch.mm rate, same shapes", ">= 0.6", higher_is_better=True,
             note=f"native reaches {native_gflops:.0f} GFLOP/s"),
     ]
+
+
+def training_step_fns(ours, native, grids: list[tuple[int, int, int]]):
+    """Forward and backward of each encoder on images of `grids` (merge 1); each function returns
+    the encoder's output and the gradient of the pixels, for comparing the two."""
+    torch.manual_seed(2)
+    pixel_values = torch.randn(sum(t * h * w for t, h, w in grids), PATCH_DIM)
+    grid = torch.tensor(grids)
+    merge = torch.ones(len(grids), dtype=torch.long)
+
+    # A fixed random read-out as the loss: the encoder ends in a LayerNorm, so a plain sum of
+    # squares would be nearly constant and its gradients mostly float noise.
+    readout = torch.randn(pixel_values.shape[0], ours.config.hidden_size)
+
+    def step(encode, model):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        x = pixel_values.clone().requires_grad_(True)
+        out = encode(x)
+        (out * readout).sum().backward()
+        return out.detach(), x.grad
+
+    def run_ours():
+        return step(lambda x: ours(x, grid, merge), ours)
+
+    def run_native():
+        return step(lambda x: native(x, grid_thw=grid, merge_sizes=merge).last_hidden_state, native)
+
+    return run_ours, run_native
+
+
+def run_training(spec: VisionSpec = FULL, grids=None, repeats: int = 3) -> list[Row]:
+    grids = TRAIN_GRIDS if grids is None else grids
+    ours, native = build_pair(dataclass_replace(spec, layers=1))
+    fn_ours, fn_native = training_step_fns(ours, native, grids)
+    (out_ours, grad_ours), (out_native, grad_native) = fn_ours(), fn_native()
+    diff = max((out_ours - out_native).abs().max().item(), (grad_ours - grad_native).abs().max().item() / grad_native.abs().max().item())
+    if diff > 1e-3:
+        raise RuntimeError(f"ours and native vision training steps differ by {diff:.2e}; the comparison would be meaningless")
+    stats = alternate({"ours": fn_ours, "native": fn_native}, repeats)
+    patches = sum(t * h * w for t, h, w in grids)
+    case = f"{len(grids)} images of own sizes, {patches} patches, D={spec.hidden}, 1 layer, fp32, fwd+bwd"
+    return [Row("2 vision training step", case, "s", stats["ours"], stats["native"], "native VideoLlama3VisionModel",
+                "<= 0.9", note=f"max|diff| {diff:.1e} (outputs; pixel gradients relative to their largest)")]

@@ -209,6 +209,30 @@ def test_cpu_inference_in_frame_groups_equals_one_pass(tok, monkeypatch):
         assert torch.equal(encoder(*args), one_pass)
 
 
+def test_vision_training_over_many_chunks_matches_each_image_alone(tok):
+    """Images of five sizes are five attention chunks in one training forward (pieces by split,
+    outputs by cat): outputs and pixel gradients are those of each image encoded on its own."""
+    torch.manual_seed(21)
+    encoder = M.Videollama3Qwen2ForCausalLM(tiny_config(tok)).model.vision_encoder.train()
+    items = [image(2, 2), image(4, 6), image(6, 4), image(2, 8), video(3, 4, 4)]
+    inputs = our_inputs(tok, [(items, "x")], tok.convert_tokens_to_ids("<image>"))
+    grids, merges = inputs["grid_sizes"], inputs["merge_sizes"]
+    plan = M.VisionAttentionPlan.from_grids([tuple(g) for g in grids.tolist()], 2, "cpu")
+    assert len(plan.chunks) == len(items)
+
+    def pixel_gradient(pixels, grid, merge):
+        pixels = pixels.clone().requires_grad_(True)
+        out = encoder(pixels, grid, merge)
+        out.square().sum().backward()  # a sum over tokens: each image's gradient is its own
+        return out.detach(), pixels.grad
+
+    together = pixel_gradient(inputs["pixel_values"], grids, merges)
+    alone = [pixel_gradient(pixels, grids[i : i + 1], merges[i : i + 1])
+             for i, pixels in enumerate(inputs["pixel_values"].split(grids.prod(1).tolist()))]
+    torch.testing.assert_close(together[0], torch.cat([o for o, _ in alone]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(together[1], torch.cat([g for _, g in alone]), atol=1e-6, rtol=1e-5)
+
+
 def varlen_reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=False,
                                cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """flash-attention's varlen contract on CPU: `(1, H, N, hd)` in, `(1, N, H, hd)` out, one sdpa per sequence."""

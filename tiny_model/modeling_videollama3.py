@@ -167,6 +167,38 @@ def apply_rope(q, k, cos, signed_sin):
     return rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
 
 
+def plan_pieces(plan: VisionAttentionPlan, *tensors: torch.Tensor) -> list[tuple]:
+    """Per attention chunk of `plan`: `(frames, length, *pieces)`, each piece the chunk's rows of
+    one of `tensors` (all `(N, ...)`).
+
+    With autograd on, the pieces come from one `split` per tensor: the backward of a slice writes
+    into a zeroed tensor of all N rows, which made the backward O(chunks x N), and images of many
+    sizes are many chunks; split's backward is one pass. Without it, plain slices (views).
+    """
+    if torch.is_grad_enabled():
+        sizes = [frames * length for _, frames, length in plan.chunks]
+        rows = zip(*(x.split(sizes) for x in tensors))
+    else:
+        rows = ([x[start : start + frames * length] for x in tensors] for start, frames, length in plan.chunks)
+    return [(frames, length, *parts) for (_, frames, length), parts in zip(plan.chunks, rows)]
+
+
+def join_pieces(plan: VisionAttentionPlan, pieces, shape) -> torch.Tensor:
+    """The chunks' `pieces` (an iterable in `plan.chunks` order) as one tensor of `shape` `(N, ...)`.
+
+    With autograd on, one `cat` (a write into a slice of a buffer has an O(N) backward per chunk);
+    without it, each piece is written into one buffer as soon as the iterable makes it, so a long
+    video's forward never holds all pieces and their concatenation at once.
+    """
+    if torch.is_grad_enabled():
+        return torch.cat(list(pieces))
+    out = None
+    for (start, frames, length), piece in zip(plan.chunks, pieces):
+        out = piece.new_empty(shape) if out is None else out
+        out[start : start + frames * length] = piece
+    return out
+
+
 class Videollama3VisionRotaryEmbedding(nn.Module):
     """2D RoPE: a patch at (row, col) rotates half its channels by row angles and half by col angles.
 
@@ -238,15 +270,12 @@ class Videollama3VisionAttention(nn.Module):
         implementation = self.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
         dropout = self.dropout if self.training else 0.0
+        chunks = plan_pieces(plan, q, k, v, *rope)  # per chunk: (frames, length, q, k, v, cos, signed_sin)
         if implementation.startswith("flash_attention"):
-            # RoPE chunk by chunk into one buffer: whole-tensor float32 temporaries made this
-            # branch's peak 3.9 GiB against sdpa's 3.0 GiB (180 frames of 336 patches, bf16, H200).
-            q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)  # (N, H, hd)
-            for start, frames, length in plan.chunks:
-                end = start + frames * length
-                q_rot[start:end], k_rot[start:end] = apply_rope(
-                    q[start:end], k[start:end], rope[0][start:end], rope[1][start:end]
-                )
+            # RoPE chunk by chunk: whole-tensor float32 temporaries made this branch's peak 3.9 GiB
+            # against sdpa's 3.0 GiB (180 frames of 336 patches, bf16, H200).
+            q_rot = join_pieces(plan, (rotate(q_c, cos, sin) for _, _, q_c, _, _, cos, sin in chunks), q.shape)  # (N, H, hd)
+            k_rot = join_pieces(plan, (rotate(k_c, cos, sin) for _, _, _, k_c, _, cos, sin in chunks), k.shape)  # (N, H, hd)
             out, _ = attention(
                 self,
                 q_rot.transpose(0, 1)[None],  # (1, H, N, hd)
@@ -261,18 +290,16 @@ class Videollama3VisionAttention(nn.Module):
                 max_length_q=plan.max_seqlen,
                 max_length_k=plan.max_seqlen,
             )  # (1, N, H, hd)
-            out = out.reshape(N, -1)  # (N, D_v)
-        else:
-            # RoPE per chunk and one output buffer: whole-tensor RoPE temporaries and a list + cat of
-            # the outputs were the peak of a long video's forward (each is N x D_v).
-            out = v.new_empty(N, self.num_heads * self.head_dim)  # (N, D_v)
-            for start, frames, length in plan.chunks:
-                end = start + frames * length
-                q_c, k_c = apply_rope(q[start:end], k[start:end], rope[0][start:end], rope[1][start:end])
-                q_c, k_c, v_c = (x.view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
-                                 for x in (q_c, k_c, v[start:end]))  # (F, H, L, hd)
-                out_c, _ = attention(self, q_c, k_c, v_c, None, scaling=self.scaling, dropout=dropout, is_causal=False)
-                out[start:end] = out_c.reshape(frames * length, -1)  # (F*L, D_v)
+            return self.out_proj(out.reshape(N, -1))  # (N, D_v)
+
+        def chunk_attention(frames, length, q_c, k_c, v_c, cos, signed_sin):
+            q_c, k_c = apply_rope(q_c, k_c, cos, signed_sin)
+            q_c, k_c, v_c = (x.view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
+                             for x in (q_c, k_c, v_c))  # (F, H, L, hd)
+            out_c, _ = attention(self, q_c, k_c, v_c, None, scaling=self.scaling, dropout=dropout, is_causal=False)
+            return out_c.reshape(frames * length, -1)  # (F*L, D_v)
+
+        out = join_pieces(plan, (chunk_attention(*c) for c in chunks), (N, self.num_heads * self.head_dim))  # (N, D_v)
         return self.out_proj(out)
 
 
