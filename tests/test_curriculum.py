@@ -147,3 +147,20 @@ def test_wide_images_are_vision_rows_at_every_patch_phase(written, tmp_path):
     # 84 px images: every shape centred within 4.5 px of a patch's middle; wide ones anywhere in it.
     assert all(abs(p - patch / 2) <= 4.5 for p in phases["image"])
     assert max(phases["wide"]) - min(phases["wide"]) > patch / 2
+
+
+def test_more_videos_are_training_rows_of_their_own_file(written, tmp_path):
+    paths = curriculum.generate(tmp_path, seed=3, more_videos=3, **SIZES)
+    for name in ("image", "caption", "vision", "video", "text", "eval"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (written / f"{name}.jsonl").read_bytes()
+    # So the recipe's tokenizer, trained on image, caption, video and text rows, is the same too.
+    rows = [json.loads(line) for line in open(paths["video_more"])]
+    assert len(rows) == 3
+    base = {json.loads(line)["video"][0] for line in open(written / "video.jsonl")}
+    for row in rows:
+        (rel,) = row["video"]
+        assert rel not in base and (tmp_path / rel).is_file()
+        clip = IP.load_video(str(tmp_path / rel))
+        assert clip.frames.shape[1:] == (curriculum.VIDEO_SIZE, curriculum.VIDEO_SIZE, 3)
+        asked = [m["value"] for m in row["conversations"][0::2]]
+        assert asked[0].startswith("<video>\n") and len(asked) == 2

@@ -235,3 +235,37 @@ def test_folding_makes_the_projector_read_the_balanced_features():
     balanced = ((probe.double() - mu) @ fold.T + mu).float()
     assert torch.allclose(linear(probe), old(balanced), atol=1e-4)
     assert not torch.allclose(linear(probe), old(probe), atol=1e-2)
+
+
+def test_shifted_images_move_their_shapes_whole_and_the_labels_with_them():
+    from types import SimpleNamespace
+
+    from tools.local import remote_module
+
+    processor = SimpleNamespace(image_processor=remote_module("image_processing_videollama3").Videollama3ImageProcessor())
+    ramp = np.arange(84, dtype=np.uint8)
+    pixels = np.stack([np.add.outer(ramp, ramp) % 97, np.tile(ramp, (84, 1)), np.tile(ramp[:, None], (1, 84))], -1)
+    pixels[20:41, 30:51] = curriculum.COLOURS["red"]  # a square 20-40 px down, 30-50 px across
+    index = vision_pretrain.palette_index(pixels)
+    assert vision_pretrain.shift_bounds(index, 7) == (-7, 7, -7, 7)
+    assert vision_pretrain.shift_bounds(index, 40) == (-20, 40, -30, 33)
+    assert vision_pretrain.shift_bounds(np.zeros((84, 84), dtype=int), 5) == (-5, 5, -5, 5)
+    row = {"objects": [{"colour": "red", "shape": "square", "quadrant": "top left"}], "background": "plain"}
+    entry = ({"pixel_values": None, "grid_sizes": torch.tensor([[1, 6, 6]])}, None, row)
+    rng, seen = np.random.default_rng(0), set()
+    for _ in range(12):
+        moved, labels, same_row = vision_pretrain.shifted_entry(entry, pixels, index, 25, rng, processor, 14)
+        assert same_row is row and torch.equal(moved["grid_sizes"], entry[0]["grid_sizes"])
+        # Exactly one roll within the bounds gives these patches; the labels are that roll's.
+        matches = [(dy, dx) for dy in range(-20, 26) for dx in range(-25, 26)
+                   if torch.equal(processor.image_processor.to_patches(np.roll(pixels, (dy, dx), (0, 1))[None], 1),
+                                  moved["pixel_values"])]
+        assert len(matches) == 1
+        rolled = np.roll(pixels, matches[0], (0, 1))
+        expected = vision_pretrain.patch_labels(rolled, {"red": "square"}, 14)
+        assert all(torch.equal(getattr(labels, f), getattr(expected, f)) for f in ("colour", "shape", "position"))
+        assert (vision_pretrain.palette_index(rolled) > 0).sum() == 21 * 21  # nothing wrapped round
+        seen.add(matches[0])
+    assert len(seen) > 6
+    with pytest.raises(ValueError, match="shift=-1: the largest shift"):
+        vision_pretrain.pretrain_vision(None, None, None, None, steps=1, batch=1, lr=1e-3, shift=-1)

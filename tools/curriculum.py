@@ -339,7 +339,7 @@ def vision_row(rel: str, shapes, quadrants, style: str) -> dict:
 
 
 def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, texts: int = 300, turns: int = 3,
-             prefix: str = "", answers: str = "short", wide_images: int = 0) -> dict[str, Path]:
+             prefix: str = "", answers: str = "short", wide_images: int = 0, more_videos: int = 0) -> dict[str, Path]:
     """Write media and the JSONL files below under `out_dir`; returns their paths by name.
 
     * `image.jsonl`: one line per image with up to `turns` question turns (caption included
@@ -359,6 +359,9 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     learnt kinds only at that phase misnames them when their centre is near a patch border. In a
     112 px image a shape moves 8-11 px in its quadrant: every phase. They are drawn after
     everything else, so the other files are the same with or without them.
+    `more_videos`: that many more videos, drawn after everything else (wide images included) and
+    listed in `video_more.jsonl` only, so every other file, and with them the recipe's tokenizer
+    (`corpus_text`), is the same with or without them; more clips for the same training steps.
     """
     check_answer_style(answers)
     out = Path(out_dir)
@@ -366,6 +369,8 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = {"image": [], "caption": [], "vision": [], "video": [], "text": [], "eval": []}
+    if more_videos:
+        rows["video_more"] = []
 
     for i in range(images):
         pixels, shapes, quadrants, style = make_image(rng)
@@ -383,12 +388,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
                                  "conversations": conversation("<image>", [(q, a)])})
 
     for i in range(videos):
-        frames, event = make_video(rng)
-        rel = f"videos/{prefix}{i:05d}.mp4"
-        write_video(out / rel, frames)
-        qa = video_questions(event)
-        order = rng.permutation(len(qa))
-        rows["video"].append({"video": [rel], "conversations": conversation("<video>", [qa[j][1:] for j in order])})
+        rel, qa = video_row(rng, out, f"videos/{prefix}{i:05d}.mp4", rows["video"])
         for kind, q, a in qa:
             rows["eval"].append({"video": [rel], "modality": "video", "kind": kind,
                                  "conversations": conversation("<video>", [(q, a)])})
@@ -402,6 +402,9 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
         Image.fromarray(pixels).save(out / rel, optimize=False)
         rows["vision"].append(vision_row(rel, shapes, quadrants, style))
 
+    for i in range(more_videos):
+        video_row(rng, out, f"videos/{prefix}more{i:05d}.mp4", rows["video_more"])
+
     paths = {}
     for name, items in rows.items():
         paths[name] = out / f"{name}.jsonl"
@@ -409,6 +412,17 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
             for item in items:
                 handle.write(json.dumps(item, sort_keys=True) + "\n")
     return paths
+
+
+def video_row(rng: np.random.Generator, out: Path, rel: str, rows: list) -> tuple[str, list]:
+    """Draw a clip, write it to `out / rel` and append its training row (all its questions as turns,
+    in random order) to `rows`; returns `rel` and the questions."""
+    frames, event = make_video(rng)
+    write_video(out / rel, frames)
+    qa = video_questions(event)
+    order = rng.permutation(len(qa))
+    rows.append({"video": [rel], "conversations": conversation("<video>", [qa[j][1:] for j in order])})
+    return rel, qa
 
 
 def corpus_text(paths: dict[str, Path]) -> list[str]:
@@ -470,10 +484,11 @@ def main(argv=None):
     parser.add_argument("--videos", type=int, default=300)
     parser.add_argument("--texts", type=int, default=300)
     parser.add_argument("--wide-images", type=int, default=0, help="112 px images, in vision.jsonl only (vision pretraining, alignment)")
+    parser.add_argument("--more-videos", type=int, default=0, help="more videos, in video_more.jsonl only")
     parser.add_argument("--answers", choices=ANSWER_STYLES, default="short", help="style of the image answers")
     args = parser.parse_args(argv)
     paths = generate(args.out_dir, seed=args.seed, images=args.images, videos=args.videos, texts=args.texts,
-                     answers=args.answers, wide_images=args.wide_images)
+                     answers=args.answers, wide_images=args.wide_images, more_videos=args.more_videos)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

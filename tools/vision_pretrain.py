@@ -70,13 +70,25 @@ class PatchLabels:
     position: torch.Tensor  # (N, 2) row and column in [0, 1]
 
 
+def palette_index(pixels: np.ndarray) -> np.ndarray:
+    """`(H, W)` int: per pixel 1 + its colour's index in `COLOURS` where it is exactly a palette
+    colour (a shape), 0 elsewhere (background)."""
+    palette = np.array([COLOURS[c] for c in COLOURS])  # (C, 3)
+    match = (pixels[:, :, None, :] == palette[None, None]).all(-1)  # (H, W, C)
+    return np.where(match.any(-1), match.argmax(-1) + 1, 0)  # (H, W)
+
+
 def patch_labels(pixels: np.ndarray, kinds: dict[str, str], patch: int) -> PatchLabels:
     """Per-patch labels of one `(H, W, 3)` uint8 image in raster order; `kinds`: colour -> shape kind."""
-    rows, cols = pixels.shape[0] // patch, pixels.shape[1] // patch
-    blocks = pixels[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch, 3).swapaxes(1, 2)
-    blocks = blocks.reshape(rows * cols, patch * patch, 3)  # (N, P*P, 3)
-    palette = np.array([COLOURS[c] for c in COLOURS])  # (C, 3)
-    cover = (blocks[:, :, None, :] == palette[None, None]).all(-1).mean(1)  # (N, C)
+    return index_labels(palette_index(pixels), kinds, patch)
+
+
+def index_labels(index: np.ndarray, kinds: dict[str, str], patch: int) -> PatchLabels:
+    """`patch_labels` from an image's `palette_index` map."""
+    rows, cols = index.shape[0] // patch, index.shape[1] // patch
+    blocks = index[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).swapaxes(1, 2)
+    blocks = blocks.reshape(rows * cols, patch * patch)  # (N, P*P)
+    cover = np.eye(len(COLOURS) + 1)[blocks].mean(1)[:, 1:]  # (N, C) share of each palette colour
     best = cover.argmax(1)
     present = cover[np.arange(len(best)), best] >= COVER_PIXELS
     names = list(COLOURS)
@@ -186,6 +198,32 @@ def load_rows(path: Path, data_root: Path, processor, patch: int,
     return rows
 
 
+def shift_bounds(index: np.ndarray, most: int) -> tuple[int, int, int, int]:
+    """`(low_y, high_y, low_x, high_x)`: the shifts, at most `most` px either way, by which an image
+    with `palette_index` map `index` can be rolled without a shape crossing its border."""
+    ys, xs = np.nonzero(index)
+    if len(ys) == 0:
+        return -most, most, -most, most
+    height, width = index.shape
+    return (max(-most, -int(ys.min())), min(most, height - 1 - int(ys.max())),
+            max(-most, -int(xs.min())), min(most, width - 1 - int(xs.max())))
+
+
+def shifted_entry(entry, pixels: np.ndarray, index: np.ndarray, most: int, rng: np.random.Generator, processor,
+                  patch: int):
+    """The `load_rows` entry of an image rolled by a random shift within `shift_bounds`, labels
+    recomputed from the rolled pixels. Only the background wraps round (its texture shows a seam);
+    the shapes move whole."""
+    inputs, _, row = entry
+    low_y, high_y, low_x, high_x = shift_bounds(index, most)
+    dy, dx = int(rng.integers(low_y, high_y + 1)), int(rng.integers(low_x, high_x + 1))
+    rolled = np.roll(pixels, (dy, dx), axis=(0, 1))  # (H, W, 3)
+    kinds = {o["colour"]: o["shape"] for o in row["objects"]}
+    labels = index_labels(np.roll(index, (dy, dx), axis=(0, 1)), kinds, patch)
+    moved = dict(inputs, pixel_values=processor.image_processor.to_patches(rolled[None], 1))  # (N, 3*P*P)
+    return moved, labels, row
+
+
 def batch_inputs(chosen, device="cpu") -> dict:
     """The encoder's inputs of the `load_rows` entries in `chosen`, concatenated, on `device`."""
     return {key: torch.cat([x[key] for x, *_ in chosen]).to(device) for key in ("pixel_values", "grid_sizes", "merge_sizes")}
@@ -199,14 +237,26 @@ def warmup_cosine(optimizer, steps: int):
 
 
 def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, steps: int, batch: int, lr: float,
-                    seed: int = 0, background_weight: float = 0.0, scene_weight: float = 0.0,
+                    seed: int = 0, background_weight: float = 0.0, scene_weight: float = 0.0, shift: int = 0,
                     device: str = "cpu") -> list[float]:
     """Train `model.model.vision_encoder` in place on dense patch labels (and, with
     `background_weight`, each image's background style; with `scene_weight`, the whole scene from
-    every patch) on `device`; returns the loss curve."""
+    every patch) on `device`; returns the loss curve.
+
+    `shift`: each image of a batch is rolled by a fresh random shift of at most that many pixels
+    either way that keeps its shapes whole (`shifted_entry`). The curriculum's 84 px images leave a
+    shape 1-4 px of play in its quadrant, so without it every shape's centre lies near the middle
+    of a patch, while video shapes lie anywhere; at 7 (half a patch) a shape shows every phase a
+    shift within the image allows."""
+    if shift < 0:
+        raise ValueError(f"shift={shift}: the largest shift in pixels must be >= 0")
     encoder = model.model.vision_encoder
     patch = encoder.config.patch_size
     rows = load_rows(vision_rows, data_root, processor, patch)
+    images = []
+    for _, _, row in rows if shift else ():
+        pixels = np.asarray(Image.open(data_root / row["image"]).convert("RGB"))
+        images.append((pixels, palette_index(pixels)))
     torch.manual_seed(seed)
     head = PatchHead(encoder.config.hidden_size, background_weight, scene_weight).to(device)
     encoder.to(device)
@@ -214,10 +264,12 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, steps)
     rng = random.Random(seed)
+    shifts = np.random.default_rng(seed + 1)  # its own stream: the images drawn are the same as without
     encoder.train()
     losses = []
     for step in range(steps):
-        chosen = rng.sample(rows, min(batch, len(rows)))
+        picked = rng.sample(range(len(rows)), min(batch, len(rows)))
+        chosen = [shifted_entry(rows[i], *images[i], shift, shifts, processor, patch) if shift else rows[i] for i in picked]
         inputs = batch_inputs(chosen, device)
         features = encoder(inputs["pixel_values"], inputs["grid_sizes"], inputs["merge_sizes"])  # (N, D)
         labels = PatchLabels(*(torch.cat([getattr(lab, f) for _, lab, _ in chosen]).to(device)
