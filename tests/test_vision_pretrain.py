@@ -269,3 +269,21 @@ def test_shifted_images_move_their_shapes_whole_and_the_labels_with_them():
     assert len(seen) > 6
     with pytest.raises(ValueError, match="shift=-1: the largest shift"):
         vision_pretrain.pretrain_vision(None, None, None, None, steps=1, batch=1, lr=1e-3, shift=-1)
+
+
+def test_shift_refuses_images_the_processor_would_resize(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from tools import train_default
+
+    paths = curriculum.generate(tmp_path, seed=5, images=2, videos=0, texts=2)
+    Image.fromarray(np.full((90, 84, 3), 120, dtype=np.uint8)).save(tmp_path / "odd.png")
+    row = {"image": "odd.png", "objects": [], "background": "plain"}
+    (tmp_path / "odd.jsonl").write_text(paths["vision"].read_text() + json.dumps(row) + "\n")
+    tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
+    model, processor = train_default.build_model(tokenizer), train_default.build_processor(tokenizer)
+    with pytest.raises(ValueError, match=r"odd.png: 84x90 px, but the processor serves it at 84x84"):
+        vision_pretrain.pretrain_vision(model, processor, tmp_path / "odd.jsonl", tmp_path, steps=1, batch=2, lr=1e-3,
+                                        shift=3)

@@ -246,16 +246,20 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
     `shift`: each image of a batch is rolled by a fresh random shift of at most that many pixels
     either way that keeps its shapes whole (`shifted_entry`). The curriculum's 84 px images leave a
     shape 1-4 px of play in its quadrant, so without it every shape's centre lies near the middle
-    of a patch, while video shapes lie anywhere; at 7 (half a patch) a shape shows every phase a
-    shift within the image allows."""
+    of a patch, while video shapes lie anywhere; at 7 (half a patch) every phase is reached where
+    the image leaves its shapes room. Images must already be at a size the processor keeps."""
     if shift < 0:
         raise ValueError(f"shift={shift}: the largest shift in pixels must be >= 0")
     encoder = model.model.vision_encoder
     patch = encoder.config.patch_size
     rows = load_rows(vision_rows, data_root, processor, patch)
     images = []
-    for _, _, row in rows if shift else ():
+    for inputs, _, row in rows if shift else ():
         pixels = np.asarray(Image.open(data_root / row["image"]).convert("RGB"))
+        served = tuple(patch * n for n in inputs["grid_sizes"][0, 1:].tolist())
+        if pixels.shape[:2] != served:
+            raise ValueError(f"{row['image']}: {pixels.shape[1]}x{pixels.shape[0]} px, but the processor serves it at "
+                             f"{served[1]}x{served[0]}; shift rolls the pixels as they are, so images must be at a served size")
         images.append((pixels, palette_index(pixels)))
     torch.manual_seed(seed)
     head = PatchHead(encoder.config.hidden_size, background_weight, scene_weight).to(device)
