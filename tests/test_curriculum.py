@@ -164,3 +164,23 @@ def test_more_videos_are_training_rows_of_their_own_file(written, tmp_path):
         assert clip.frames.shape[1:] == (curriculum.VIDEO_SIZE, curriculum.VIDEO_SIZE, 3)
         asked = [m["value"] for m in row["conversations"][0::2]]
         assert asked[0].startswith("<video>\n") and len(asked) == 2
+
+
+def test_video_frames_are_stills_of_each_clip_with_their_shapes(written, tmp_path):
+    paths = curriculum.generate(tmp_path, seed=3, video_frames=True, **SIZES)
+    for name in ("image", "caption", "vision", "video", "text", "eval"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (written / f"{name}.jsonl").read_bytes()
+    assert digest(tmp_path / "images") == digest(written / "images")
+    videos = [json.loads(line)["video"][0] for line in open(written / "video.jsonl")]
+    rows = [json.loads(line) for line in open(paths["frames"])]
+    assert [row["image"] for row in rows] == [rel.replace(".mp4", ".png") for rel in videos]
+    for row in rows:
+        pixels = np.asarray(Image.open(tmp_path / row["image"]).convert("RGB"))
+        assert pixels.shape == (curriculum.VIDEO_SIZE, curriculum.VIDEO_SIZE, 3)
+        assert row["background"] in curriculum.BACKGROUNDS and 1 <= len(row["objects"]) <= 2
+        for o in row["objects"]:
+            ys, xs = np.nonzero((pixels == curriculum.COLOURS[o["colour"]]).all(-1))
+            assert len(ys) > 100  # the actor is shown in its still, the distractor always
+            half = curriculum.VIDEO_SIZE / 2
+            centre = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)
+            assert o["quadrant"] == curriculum.QUADRANTS[2 * (centre[1] >= half) + (centre[0] >= half)]

@@ -287,3 +287,49 @@ def test_shift_refuses_images_the_processor_would_resize(tmp_path):
     with pytest.raises(ValueError, match=r"odd.png: 84x90 px, but the processor serves it at 84x84"):
         vision_pretrain.pretrain_vision(model, processor, tmp_path / "odd.jsonl", tmp_path, steps=1, batch=2, lr=1e-3,
                                         shift=3)
+
+
+def test_frame_block_targets_read_each_merged_token_as_the_scene_step_lays_it_out():
+    frame = np.full((112, 112, 3), 120, dtype=np.uint8)
+    frame[30:60, 60:90] = curriculum.COLOURS["red"]  # merged blocks (1, 2), (1, 3), (2, 2), (2, 3)
+    frame[5:8, 5:8] = curriculum.COLOURS["blue"]  # 9 pixels: block (0, 0) is covered too
+    row = {"objects": [{"colour": "red", "shape": "square", "quadrant": "top right"},
+                       {"colour": "blue", "shape": "circle", "quadrant": "top left"}], "background": "plain"}
+    words = {w: torch.randn(6) for w in [*curriculum.COLOURS, *curriculum.SHAPES, *curriculum.QUADRANTS]}
+    covered, targets = vision_pretrain.frame_block_targets(row, frame, words.__getitem__, patch=14)
+    expected = torch.zeros(16, dtype=torch.bool)
+    expected[[0, 6, 7, 10, 11]] = True
+    assert torch.equal(covered, expected)
+    red_square = words["red"] + words["square"]
+    torch.testing.assert_close(targets, torch.stack([
+        words["blue"] + words["circle"] + words["top left"],
+        red_square + words["top right"], red_square + words["top right"],
+        red_square + words["bottom right"], red_square + words["bottom right"],
+    ]))
+
+
+def test_alignment_with_video_stills_adds_their_merged_error_and_keeps_the_image_batches(tmp_path):
+    from tools import train_default
+
+    paths = curriculum.generate(tmp_path, seed=5, images=8, videos=3, texts=2, video_frames=True)
+    tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
+    processor = train_default.build_processor(tokenizer)
+    runs = {}
+    for weight in (0.0, 1.0):
+        model = train_default.build_model(tokenizer)
+        runs[weight] = vision_pretrain.align_projector(model, processor, paths["vision"], tmp_path, steps=4, batch=4,
+                                                       lr=3e-3, frames="frames.jsonl", frame_weight=weight)
+    assert runs[0.0][0] < runs[1.0][0]  # the same first image batch, plus the stills' error
+    assert runs[0.0] != runs[1.0]
+
+
+def test_alignment_with_stills_needs_their_rows_file(tmp_path):
+    from tools import train_default
+
+    paths = curriculum.generate(tmp_path, seed=5, images=2, videos=0, texts=2)
+    tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
+    model, processor = train_default.build_model(tokenizer), train_default.build_processor(tokenizer)
+    for frames in (None, "frames.jsonl"):
+        with pytest.raises(ValueError, match=rf"frames={frames!r}: frame_weight=1.0 needs the stills' rows file"):
+            vision_pretrain.align_projector(model, processor, paths["vision"], tmp_path, steps=1, batch=2, lr=1e-3,
+                                            frames=frames, frame_weight=1.0)

@@ -247,6 +247,7 @@ def make_video(rng: np.random.Generator):
     style = str(rng.choice(BACKGROUNDS))
     canvas = background(rng, VIDEO_SIZE, style)
     event = video_event(rng, seconds)
+    event["style"] = style  # for frame rows (`frame_row`); questions never ask it
     return render_clip(canvas, event, seconds), event
 
 
@@ -339,7 +340,8 @@ def vision_row(rel: str, shapes, quadrants, style: str) -> dict:
 
 
 def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, texts: int = 300, turns: int = 3,
-             prefix: str = "", answers: str = "short", wide_images: int = 0, more_videos: int = 0) -> dict[str, Path]:
+             prefix: str = "", answers: str = "short", wide_images: int = 0, more_videos: int = 0,
+             video_frames: bool = False) -> dict[str, Path]:
     """Write media and the JSONL files below under `out_dir`; returns their paths by name.
 
     * `image.jsonl`: one line per image with up to `turns` question turns (caption included
@@ -362,6 +364,9 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     `more_videos`: that many more videos, drawn after everything else (wide images included) and
     listed in `video_more.jsonl` only, so every other file, and with them the recipe's tokenizer
     (`corpus_text`), is the same with or without them; more clips for the same training steps.
+    `video_frames`: also write one still of each video (`frame_row`) and list them in `frames.jsonl`
+    (for aligning the merged tokens of video frames, `vision_pretrain.align_projector`); no random
+    number is drawn for them, so every other file is the same with or without them.
     """
     check_answer_style(answers)
     out = Path(out_dir)
@@ -371,6 +376,8 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     rows = {"image": [], "caption": [], "vision": [], "video": [], "text": [], "eval": []}
     if more_videos:
         rows["video_more"] = []
+    if video_frames:
+        rows["frames"] = []
 
     for i in range(images):
         pixels, shapes, quadrants, style = make_image(rng)
@@ -388,7 +395,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
                                  "conversations": conversation("<image>", [(q, a)])})
 
     for i in range(videos):
-        rel, qa = video_row(rng, out, f"videos/{prefix}{i:05d}.mp4", rows["video"])
+        rel, qa = video_row(rng, out, f"videos/{prefix}{i:05d}.mp4", rows["video"], rows.get("frames"))
         for kind, q, a in qa:
             rows["eval"].append({"video": [rel], "modality": "video", "kind": kind,
                                  "conversations": conversation("<video>", [(q, a)])})
@@ -414,15 +421,34 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     return paths
 
 
-def video_row(rng: np.random.Generator, out: Path, rel: str, rows: list) -> tuple[str, list]:
+def video_row(rng: np.random.Generator, out: Path, rel: str, rows: list, frame_rows: list | None = None) -> tuple[str, list]:
     """Draw a clip, write it to `out / rel` and append its training row (all its questions as turns,
-    in random order) to `rows`; returns `rel` and the questions."""
+    in random order) to `rows`; returns `rel` and the questions. With `frame_rows`, one still of the
+    clip is written beside it and its `frame_row` appended there (no random number is drawn for it)."""
     frames, event = make_video(rng)
     write_video(out / rel, frames)
+    if frame_rows is not None:
+        frame_rows.append(frame_row(out, rel.replace(".mp4", ".png"), frames, event))
     qa = video_questions(event)
     order = rng.permutation(len(qa))
     rows.append({"video": [rel], "conversations": conversation("<video>", [qa[j][1:] for j in order])})
     return rel, qa
+
+
+def frame_row(out: Path, rel: str, frames: np.ndarray, event: dict) -> dict:
+    """Write the clip's frame at the middle of the actor's shown frames to `out / rel`; returns its
+    `vision.jsonl`-style row: the actor and the distractor with the quadrant of their centres, and
+    the background style."""
+    shown = [i for i in range(len(frames)) if actor_centre(event, i, len(frames)) is not None]
+    middle = shown[len(shown) // 2]
+    Image.fromarray(frames[middle]).save(out / rel, optimize=False)
+    half = VIDEO_SIZE / 2
+    placed = [(event["shape"], actor_centre(event, middle, len(frames)))]
+    if event["distractor"] is not None:
+        shape, x = event["distractor"]
+        placed.append((shape, (x, DISTRACTOR_INSET)))
+    quadrants = [2 * (y >= half) + (x >= half) for _, (x, y) in placed]
+    return vision_row(rel, [shape for shape, _ in placed], quadrants, event["style"])
 
 
 def corpus_text(paths: dict[str, Path]) -> list[str]:
@@ -485,10 +511,12 @@ def main(argv=None):
     parser.add_argument("--texts", type=int, default=300)
     parser.add_argument("--wide-images", type=int, default=0, help="112 px images, in vision.jsonl only (vision pretraining, alignment)")
     parser.add_argument("--more-videos", type=int, default=0, help="more videos, in video_more.jsonl only")
+    parser.add_argument("--video-frames", action="store_true", help="one still per video, in frames.jsonl")
     parser.add_argument("--answers", choices=ANSWER_STYLES, default="short", help="style of the image answers")
     args = parser.parse_args(argv)
     paths = generate(args.out_dir, seed=args.seed, images=args.images, videos=args.videos, texts=args.texts,
-                     answers=args.answers, wide_images=args.wide_images, more_videos=args.more_videos)
+                     answers=args.answers, wide_images=args.wide_images, more_videos=args.more_videos,
+                     video_frames=args.video_frames)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

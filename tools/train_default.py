@@ -149,6 +149,13 @@ FULL = {
     # merged_weight: the 2x2-merged tokens of video frames are aligned too (shape-covered blocks).
     # In four runs of about the recipe's sizes, held-out "when" questions were right 8 and 13 of 32
     # without it, 18 and 21 of 32 with it (video 62.5% and 70.0% against 75.8% and 75.0%).
+    # Off: `frames` / `frame_weight` (each step also pulls the shape-covered merged tokens of 8 video
+    # stills, one per clip with the curriculum's `video_frames`, to the scene step's words for them;
+    # `vision_pretrain.frame_block_targets`). Chained from the recipe's stage 1, both held-out sets
+    # together: at 1.0 images 84.0% / 86.6% (positions 468 of 601, against 572), video 66.7% / 70.8%;
+    # at 0.2 images 90.6% / 92.2%, video 75.0% / 77.5%, captions 167 of 300 (220 without). The demo
+    # clip's square was named at 88 (1.0) and 100 (0.2) of 196 places against 70, not at the bundled
+    # clip's; at 0.2 its span was right at 90 of 196 against 146 and the demo fell to 4 / 6.
     "align": dict(steps=400, batch=16, lr=1e-3, merged_weight=1.0),
     # Off: each patch feature re-expressed as like shares of its colour, kind, quadrant and
     # background, folded into the projector before stage 1 (`vision_pretrain.balance_projector`).

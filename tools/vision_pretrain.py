@@ -325,8 +325,31 @@ def merge_blocks(x: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Te
     return torch.cat(blocks)  # (N / 4, D)
 
 
+def frame_block_targets(row: dict, pixels: np.ndarray, embed, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a video still (`curriculum.frame_row`): which 2x2-merged tokens a shape covers at all,
+    `(N / 4,)` bool in raster order, and for those the sum of the LLM's embeddings of the shape's
+    colour and kind and of the token's own quadrant, `(M, D)`: how `tools.scene_pretrain` lays out
+    a served video's tokens (`clip_tokens`), so a merged token is pulled to the scene token the LLM
+    learnt to read."""
+    side = 2 * patch
+    grid = (pixels.shape[0] // side, pixels.shape[1] // side)
+    index = palette_index(pixels)[: grid[0] * side, : grid[1] * side]
+    blocks = index.reshape(grid[0], side, grid[1], side).swapaxes(1, 2).reshape(grid[0] * grid[1], side * side)
+    counts = np.eye(len(COLOURS) + 1)[blocks].sum(1)[:, 1:]  # (N / 4, C) pixels of each palette colour
+    covered = counts.sum(1) > 0
+    objects = {o["colour"]: o for o in row["objects"]}
+    names, targets = list(COLOURS), []
+    for block in np.flatnonzero(covered):
+        o = objects[names[int(counts[block].argmax())]]
+        top, left = divmod(int(block), grid[1])
+        quadrant = QUADRANTS[2 * (top >= grid[0] // 2) + (left >= grid[1] // 2)]
+        targets.append(embed(o["colour"]) + embed(o["shape"]) + embed(quadrant))
+    return torch.from_numpy(covered), torch.stack(targets)  # (N / 4,), (M, D)
+
+
 def align_projector(model, processor, vision_rows: Path, data_root: Path, *, steps: int, batch: int, lr: float,
-                    seed: int = 0, merged_weight: float = 0.0, device: str = "cpu") -> list[float]:
+                    seed: int = 0, merged_weight: float = 0.0, frames: str | None = None, frame_weight: float = 0.0,
+                    device: str = "cpu") -> list[float]:
     """Train the encoder (at lr / 10) and the projector in place so each visual token is the LLM's
     embedding of the words naming what covers its patch (`word_targets`); returns the loss curve.
 
@@ -345,6 +368,11 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
     feature. Merged blocks of background alone are left out: videos are never asked about the
     background, and pulling a block's mean feature to its style word cost the single patches theirs
     (captions right fell from 92 to 20 of 150, 74 of them wrong only in the style).
+
+    `frames` (a `frames.jsonl` under `data_root`, `curriculum.generate(video_frames=True)`) with
+    `frame_weight`: each step also takes `batch // 2` video stills and pulls their shape-covered
+    merged tokens to `frame_block_targets`, with this weight. Video shapes lie at any patch phase
+    and size, which the images never show.
     """
     model.to(device)
     encoder, projector = model.model.vision_encoder, model.model.mm_projector
@@ -365,12 +393,22 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
         grids = [tuple(g) for g in inputs["grid_sizes"].tolist()]
         covered = merge_blocks((labels.colour > 0).float()[:, None], grids)[:, 0] > 0  # (N / 4,)
         merged_targets.append((covered, merge_blocks(target, grids)[covered]))  # (N / 4,), (M, D_t)
+    if frame_weight and not (frames and (data_root / frames).is_file()):
+        raise ValueError(f"frames={frames!r}: frame_weight={frame_weight} needs the stills' rows file under {data_root} "
+                         "(frames.jsonl, written by curriculum.generate(video_frames=True))")
+    stills = []
+    for line in (data_root / frames).read_text().splitlines() if frame_weight else ():
+        row = json.loads(line)
+        pixels = np.asarray(Image.open(data_root / row["image"]).convert("RGB"))
+        inputs = processor.image_processor([Image.fromarray(pixels)], merge_size=1, return_tensors="pt")
+        stills.append((inputs, *frame_block_targets(row, pixels, embed, encoder.config.patch_size)))
     scale = embeddings.var()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW([{"params": encoder.parameters(), "lr": lr / 10},
                                    {"params": projector.parameters(), "lr": lr}], weight_decay=0.0)
     schedule = warmup_cosine(optimizer, steps)
     rng = random.Random(seed)
+    still_rng = random.Random(seed + 1)  # its own stream: the images drawn are the same as without stills
     order = list(range(len(rows)))
     encoder.train()
     losses = []
@@ -386,6 +424,15 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
             merged = projector(merge_blocks(features, grids)[shape])  # (M, D_t)
             merged_target = torch.cat([merged_targets[i][1] for i in chosen]).to(device)  # (M, D_t)
             loss = loss + merged_weight * F.mse_loss(merged, merged_target) / scale
+        if stills:
+            picked = [stills[i] for i in still_rng.sample(range(len(stills)), min(max(1, batch // 2), len(stills)))]
+            frame_inputs = batch_inputs(picked, device)
+            frame_features = encoder(frame_inputs["pixel_values"], frame_inputs["grid_sizes"], frame_inputs["merge_sizes"])  # (N_f, D_v)
+            grids = [tuple(g) for g in frame_inputs["grid_sizes"].tolist()]
+            covered = torch.cat([c for _, c, _ in picked]).to(device)  # (N_f / 4,)
+            merged = projector(merge_blocks(frame_features, grids)[covered])  # (M_f, D_t)
+            frame_target = torch.cat([t for *_, t in picked]).to(device)  # (M_f, D_t)
+            loss = loss + frame_weight * F.mse_loss(merged, frame_target) / scale
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(encoder.parameters()) + list(projector.parameters()), 1.0)
         optimizer.step()
