@@ -166,17 +166,22 @@ def test_merge_blocks_is_the_encoders_own_merge_of_video_frames(tmp_path):
         vision_pretrain.merge_blocks(torch.zeros(9, 4), [(1, 3, 3)])
 
 
-def test_alignment_of_merged_tokens_adds_their_error_to_the_loss(tmp_path):
+def alignment_runs(tmp_path, weight_name: str, steps: int, generate: dict, **options) -> dict[float, list[float]]:
+    """`align_projector`'s loss curves with `weight_name` at 0 and 1, each from the same fresh model,
+    on a curriculum written with `generate`."""
     from tools import train_default
 
-    paths = curriculum.generate(tmp_path, seed=5, images=8, videos=0, texts=2)
+    paths = curriculum.generate(tmp_path, seed=5, images=8, texts=2, **generate)
     tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
     processor = train_default.build_processor(tokenizer)
-    runs = {}
-    for weight in (0.0, 1.0):
-        model = train_default.build_model(tokenizer)
-        runs[weight] = vision_pretrain.align_projector(model, processor, paths["vision"], tmp_path, steps=6, batch=4,
-                                                       lr=3e-3, merged_weight=weight)
+    return {weight: vision_pretrain.align_projector(train_default.build_model(tokenizer), processor, paths["vision"],
+                                                    tmp_path, steps=steps, batch=4, lr=3e-3, **{weight_name: weight},
+                                                    **options)
+            for weight in (0.0, 1.0)}
+
+
+def test_alignment_of_merged_tokens_adds_their_error_to_the_loss(tmp_path):
+    runs = alignment_runs(tmp_path, "merged_weight", 6, dict(videos=0))
     assert runs[0.0][0] < runs[1.0][0]  # the merged tokens' error is added to the same first batch
     assert runs[0.0] != runs[1.0]
 
@@ -309,16 +314,7 @@ def test_frame_block_targets_read_each_merged_token_as_the_scene_step_lays_it_ou
 
 
 def test_alignment_with_video_stills_adds_their_merged_error_and_keeps_the_image_batches(tmp_path):
-    from tools import train_default
-
-    paths = curriculum.generate(tmp_path, seed=5, images=8, videos=3, texts=2, video_frames=True)
-    tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
-    processor = train_default.build_processor(tokenizer)
-    runs = {}
-    for weight in (0.0, 1.0):
-        model = train_default.build_model(tokenizer)
-        runs[weight] = vision_pretrain.align_projector(model, processor, paths["vision"], tmp_path, steps=4, batch=4,
-                                                       lr=3e-3, frames="frames.jsonl", frame_weight=weight)
+    runs = alignment_runs(tmp_path, "frame_weight", 4, dict(videos=3, video_frames=True), frames="frames.jsonl")
     assert runs[0.0][0] < runs[1.0][0]  # the same first image batch, plus the stills' error
     assert runs[0.0] != runs[1.0]
 
