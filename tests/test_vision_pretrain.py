@@ -329,3 +329,9 @@ def test_alignment_with_stills_needs_their_rows_file(tmp_path):
         with pytest.raises(ValueError, match=rf"frames={frames!r}: frame_weight=1.0 needs the stills' rows file"):
             vision_pretrain.align_projector(model, processor, paths["vision"], tmp_path, steps=1, batch=2, lr=1e-3,
                                             frames=frames, frame_weight=1.0)
+
+
+def test_frame_block_targets_refuse_a_still_that_is_not_a_video_frame():
+    row = {"image": "x.png", "objects": [], "background": "plain"}
+    with pytest.raises(ValueError, match="x.png: a still of 84x84 px in 14 px patches; stills are video frames of 112 px"):
+        vision_pretrain.frame_block_targets(row, np.zeros((84, 84, 3), dtype=np.uint8), None, patch=14)

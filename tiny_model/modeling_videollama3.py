@@ -270,12 +270,12 @@ class Videollama3VisionAttention(nn.Module):
         implementation = self.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
         dropout = self.dropout if self.training else 0.0
-        chunks = plan_pieces(plan, q, k, v, *rope)  # per chunk: (frames, length, q, k, v, cos, signed_sin)
         if implementation.startswith("flash_attention"):
             # RoPE chunk by chunk: whole-tensor float32 temporaries made this branch's peak 3.9 GiB
             # against sdpa's 3.0 GiB (180 frames of 336 patches, bf16, H200).
-            q_rot = join_pieces(plan, (rotate(q_c, cos, sin) for _, _, q_c, _, _, cos, sin in chunks), q.shape)  # (N, H, hd)
-            k_rot = join_pieces(plan, (rotate(k_c, cos, sin) for _, _, _, k_c, _, cos, sin in chunks), k.shape)  # (N, H, hd)
+            chunks = plan_pieces(plan, q, k, *rope)  # per chunk: (frames, length, q, k, cos, signed_sin)
+            q_rot = join_pieces(plan, (rotate(q_c, cos, sin) for _, _, q_c, _, cos, sin in chunks), q.shape)  # (N, H, hd)
+            k_rot = join_pieces(plan, (rotate(k_c, cos, sin) for _, _, _, k_c, cos, sin in chunks), k.shape)  # (N, H, hd)
             out, _ = attention(
                 self,
                 q_rot.transpose(0, 1)[None],  # (1, H, N, hd)
@@ -299,6 +299,7 @@ class Videollama3VisionAttention(nn.Module):
             out_c, _ = attention(self, q_c, k_c, v_c, None, scaling=self.scaling, dropout=dropout, is_causal=False)
             return out_c.reshape(frames * length, -1)  # (F*L, D_v)
 
+        chunks = plan_pieces(plan, q, k, v, *rope)  # per chunk: (frames, length, q, k, v, cos, signed_sin)
         out = join_pieces(plan, (chunk_attention(*c) for c in chunks), (N, self.num_heads * self.head_dim))  # (N, D_v)
         return self.out_proj(out)
 

@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tools.curriculum import BACKGROUNDS, COLOURS, QUADRANTS, SHAPES
+from tools.curriculum import BACKGROUNDS, COLOURS, QUADRANTS, SHAPES, VIDEO_SIZE
+from tools.scene_pretrain import VIDEO_GRID, block_quadrant
 
 logger = logging.getLogger("vision_pretrain")
 
@@ -78,6 +79,15 @@ def palette_index(pixels: np.ndarray) -> np.ndarray:
     return np.where(match.any(-1), match.argmax(-1) + 1, 0)  # (H, W)
 
 
+def block_counts(index: np.ndarray, side: int) -> np.ndarray:
+    """`(blocks, C)`: pixels of each palette colour in each `side` x `side` block of a `palette_index`
+    map, blocks in raster order (a partial last row or column of pixels is left out)."""
+    rows, cols = index.shape[0] // side, index.shape[1] // side
+    blocks = index[: rows * side, : cols * side].reshape(rows, side, cols, side).swapaxes(1, 2)
+    blocks = blocks.reshape(rows * cols, side * side)  # (blocks, side*side)
+    return np.eye(len(COLOURS) + 1)[blocks].sum(1)[:, 1:]  # (blocks, C)
+
+
 def patch_labels(pixels: np.ndarray, kinds: dict[str, str], patch: int) -> PatchLabels:
     """Per-patch labels of one `(H, W, 3)` uint8 image in raster order; `kinds`: colour -> shape kind."""
     return index_labels(palette_index(pixels), kinds, patch)
@@ -86,9 +96,7 @@ def patch_labels(pixels: np.ndarray, kinds: dict[str, str], patch: int) -> Patch
 def index_labels(index: np.ndarray, kinds: dict[str, str], patch: int) -> PatchLabels:
     """`patch_labels` from an image's `palette_index` map."""
     rows, cols = index.shape[0] // patch, index.shape[1] // patch
-    blocks = index[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).swapaxes(1, 2)
-    blocks = blocks.reshape(rows * cols, patch * patch)  # (N, P*P)
-    cover = np.eye(len(COLOURS) + 1)[blocks].mean(1)[:, 1:]  # (N, C) share of each palette colour
+    cover = block_counts(index, patch) / (patch * patch)  # (N, C) share of each palette colour
     best = cover.argmax(1)
     present = cover[np.arange(len(best)), best] >= COVER_PIXELS
     names = list(COLOURS)
@@ -331,19 +339,16 @@ def frame_block_targets(row: dict, pixels: np.ndarray, embed, patch: int) -> tup
     colour and kind and of the token's own quadrant, `(M, D)`: how `tools.scene_pretrain` lays out
     a served video's tokens (`clip_tokens`), so a merged token is pulled to the scene token the LLM
     learnt to read."""
-    side = 2 * patch
-    grid = (pixels.shape[0] // side, pixels.shape[1] // side)
-    index = palette_index(pixels)[: grid[0] * side, : grid[1] * side]
-    blocks = index.reshape(grid[0], side, grid[1], side).swapaxes(1, 2).reshape(grid[0] * grid[1], side * side)
-    counts = np.eye(len(COLOURS) + 1)[blocks].sum(1)[:, 1:]  # (N / 4, C) pixels of each palette colour
+    if pixels.shape[:2] != (VIDEO_SIZE, VIDEO_SIZE) or 2 * patch * VIDEO_GRID != VIDEO_SIZE:
+        raise ValueError(f"{row.get('image')}: a still of {pixels.shape[1]}x{pixels.shape[0]} px in {patch} px patches; "
+                         f"stills are video frames of {VIDEO_SIZE} px, {VIDEO_GRID} merged tokens a side")
+    counts = block_counts(palette_index(pixels), 2 * patch)  # (N / 4, C) pixels of each palette colour
     covered = counts.sum(1) > 0
     objects = {o["colour"]: o for o in row["objects"]}
     names, targets = list(COLOURS), []
     for block in np.flatnonzero(covered):
         o = objects[names[int(counts[block].argmax())]]
-        top, left = divmod(int(block), grid[1])
-        quadrant = QUADRANTS[2 * (top >= grid[0] // 2) + (left >= grid[1] // 2)]
-        targets.append(embed(o["colour"]) + embed(o["shape"]) + embed(quadrant))
+        targets.append(embed(o["colour"]) + embed(o["shape"]) + embed(block_quadrant(int(block))))
     return torch.from_numpy(covered), torch.stack(targets)  # (N / 4,), (M, D)
 
 
