@@ -1,6 +1,6 @@
 """How much of a video shape's kind a model's vision tokens keep, before the LLM reads them.
 
-    python -m tools.kind_probe                        # ./tiny_model, 2400 stills (about 40 s)
+    python -m tools.kind_probe                        # ./tiny_model, 2400 stills (about 15 s on 2 cores)
     python -m tools.kind_probe --model /tmp/t/served --stills 600
 
 `tools.demo_sweep` shows where the whole model misnames the demo clip's shape; this measures the
