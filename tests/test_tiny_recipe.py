@@ -36,18 +36,18 @@ def test_hub_layout(run):
 def test_stages_chain_with_their_own_freezing(run):
     _, work = run
     assert not (work / "llm").exists()  # text pretraining: off in the recipe's plan
-    scenes, positions, vis, s1, aligned, s2, s4 = (
-        weights(work / name) for name in ("scenes", "positions", "vision", "stage1", "align", "stage2", "stage4"))
+    scenes, positions, vis, stills, s1, aligned, s2, s4 = (
+        weights(work / name) for name in ("scenes", "positions", "vision", "stills", "stage1", "align", "stage2", "stage4"))
     base = weights(work / "base")
     vision = [k for k in base if ".vision_encoder." in k or ".mm_projector." in k]
     text = [k for k in base if k not in vision]
     # Scene pretraining (mixed, then position questions alone) trains the LLM only, vision
-    # pretraining the encoder only (the stand-ins for Qwen2.5 and SigLIP); stage 1 keeps the LLM
-    # frozen and trains the vision side, and so does the alignment after it.
+    # pretraining the encoder only, images and then video stills too (the stand-ins for Qwen2.5 and
+    # SigLIP); stage 1 keeps the LLM frozen and trains the vision side, and so does the alignment after it.
     for before, after in ((base, scenes), (scenes, positions)):
         assert all(torch.equal(before[k], after[k]) for k in vision)
         assert any(not torch.equal(before[k], after[k]) for k in text)
-    for before, after in ((positions, vis), (vis, s1), (s1, aligned)):
+    for before, after in ((positions, vis), (vis, stills), (stills, s1), (s1, aligned)):
         assert all(torch.equal(before[k], after[k]) for k in text)
         assert any(not torch.equal(before[k], after[k]) for k in vision)
     # Stage 2 starts from the aligned model and trains everything; stage 4 is the packaged model.
@@ -77,9 +77,9 @@ def test_plan_balances_the_projector_and_freezes_stage_2s_vision_side(tmp_path):
     plan.write_text(json.dumps({"balance": {"images": 8}, "2": {"trainable": ["llm"], "lr": {"llm": 1e-3}}}))
     work = tmp_path / "work"
     train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--work", str(work), "--keep-work", "--plan", str(plan)])
-    vis, balanced, s1, aligned, s2 = (weights(work / name) for name in ("vision", "balance", "stage1", "align", "stage2"))
+    stills, balanced, s1, aligned, s2 = (weights(work / name) for name in ("stills", "balance", "stage1", "align", "stage2"))
     # The balancing folds a map into the projector's first linear and changes nothing else.
-    assert {k for k in vis if not torch.equal(vis[k], balanced[k])} == {
+    assert {k for k in stills if not torch.equal(stills[k], balanced[k])} == {
         "model.mm_projector.readout.0.weight", "model.mm_projector.readout.0.bias"}
     assert any(not torch.equal(balanced[k], s1[k]) for k in balanced)  # stage 1 starts from it
     changed = {k for k in aligned if not torch.equal(aligned[k], s2[k])}  # stage 2 starts from the alignment
@@ -187,11 +187,11 @@ def test_evaluation_refuses_a_held_out_set_of_the_other_answer_style(tmp_path):
 def test_plan_sets_the_model_shape_and_the_scene_readout(tmp_path, monkeypatch):
     from tools import vision_pretrain
 
-    seen, aligned = {}, {}
+    calls, aligned = [], {}
     pretrain, align = vision_pretrain.pretrain_vision, vision_pretrain.align_projector
 
     def recording(*args, **kwargs):
-        seen.update(kwargs)
+        calls.append(kwargs)
         return pretrain(*args, **kwargs)
 
     def recording_align(*args, **kwargs):
@@ -203,7 +203,9 @@ def test_plan_sets_the_model_shape_and_the_scene_readout(tmp_path, monkeypatch):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"model": {"num_key_value_heads": 4, "vision_layers": 1}, "vision": {"scene_weight": 1.0}}))
     out = train_default.main(["--quick", "--out", str(tmp_path / "tiny"), "--plan", str(plan)])
+    seen, stills = calls  # the vision step, then the second pass with video stills
     assert seen["scene_weight"] == 1.0 and seen["steps"] == train_default.QUICK["vision"]["steps"]
+    assert stills["scene_weight"] == 0.0 and stills["frame_weight"] == train_default.FULL["stills"]["frame_weight"] > 0
     # The quick run keeps the full plan's background head and merged-token alignment.
     assert seen["background_weight"] == train_default.FULL["vision"]["background_weight"] > 0
     assert aligned["merged_weight"] == train_default.FULL["align"]["merged_weight"] > 0

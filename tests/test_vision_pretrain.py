@@ -166,22 +166,21 @@ def test_merge_blocks_is_the_encoders_own_merge_of_video_frames(tmp_path):
         vision_pretrain.merge_blocks(torch.zeros(9, 4), [(1, 3, 3)])
 
 
-def alignment_runs(tmp_path, weight_name: str, steps: int, generate: dict, **options) -> dict[float, list[float]]:
-    """`align_projector`'s loss curves with `weight_name` at 0 and 1, each from the same fresh model,
-    on a curriculum written with `generate`."""
+def weighted_runs(tmp_path, train, weight_name: str, steps: int, generate: dict, **options) -> dict[float, list[float]]:
+    """`train`'s (`align_projector`, `pretrain_vision`) loss curves with `weight_name` at 0 and 1,
+    each from the same fresh model, on a curriculum written with `generate`."""
     from tools import train_default
 
     paths = curriculum.generate(tmp_path, seed=5, images=8, texts=2, **generate)
     tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
     processor = train_default.build_processor(tokenizer)
-    return {weight: vision_pretrain.align_projector(train_default.build_model(tokenizer), processor, paths["vision"],
-                                                    tmp_path, steps=steps, batch=4, lr=3e-3, **{weight_name: weight},
-                                                    **options)
+    return {weight: train(train_default.build_model(tokenizer), processor, paths["vision"], tmp_path, steps=steps,
+                          batch=4, lr=3e-3, **{weight_name: weight}, **options)
             for weight in (0.0, 1.0)}
 
 
 def test_alignment_of_merged_tokens_adds_their_error_to_the_loss(tmp_path):
-    runs = alignment_runs(tmp_path, "merged_weight", 6, dict(videos=0))
+    runs = weighted_runs(tmp_path, vision_pretrain.align_projector, "merged_weight", 6, dict(videos=0))
     assert runs[0.0][0] < runs[1.0][0]  # the merged tokens' error is added to the same first batch
     assert runs[0.0] != runs[1.0]
 
@@ -314,12 +313,14 @@ def test_frame_block_targets_read_each_merged_token_as_the_scene_step_lays_it_ou
 
 
 def test_alignment_with_video_stills_adds_their_merged_error_and_keeps_the_image_batches(tmp_path):
-    runs = alignment_runs(tmp_path, "frame_weight", 4, dict(videos=3, video_frames=True), frames="frames.jsonl")
+    runs = weighted_runs(tmp_path, vision_pretrain.align_projector, "frame_weight", 4, dict(videos=3, video_frames=True),
+                         frames="frames.jsonl")
     assert runs[0.0][0] < runs[1.0][0]  # the same first image batch, plus the stills' error
     assert runs[0.0] != runs[1.0]
 
 
-def test_alignment_with_stills_needs_their_rows_file(tmp_path):
+@pytest.mark.parametrize("train", [vision_pretrain.align_projector, vision_pretrain.pretrain_vision])
+def test_training_with_stills_needs_their_rows_file(tmp_path, train):
     from tools import train_default
 
     paths = curriculum.generate(tmp_path, seed=5, images=2, videos=0, texts=2)
@@ -327,11 +328,33 @@ def test_alignment_with_stills_needs_their_rows_file(tmp_path):
     model, processor = train_default.build_model(tokenizer), train_default.build_processor(tokenizer)
     for frames in (None, "frames.jsonl"):
         with pytest.raises(ValueError, match=rf"frames={frames!r}: frame_weight=1.0 needs the stills' rows file"):
-            vision_pretrain.align_projector(model, processor, paths["vision"], tmp_path, steps=1, batch=2, lr=1e-3,
-                                            frames=frames, frame_weight=1.0)
+            train(model, processor, paths["vision"], tmp_path, steps=1, batch=2, lr=1e-3, frames=frames, frame_weight=1.0)
 
 
-def test_frame_block_targets_refuse_a_still_that_is_not_a_video_frame():
+def test_frame_block_targets_and_labels_refuse_a_still_that_is_not_a_video_frame():
     row = {"image": "x.png", "objects": [], "background": "plain"}
+    pixels = np.zeros((84, 84, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="x.png: a still of 84x84 px in 14 px patches; stills are video frames of 112 px"):
-        vision_pretrain.frame_block_targets(row, np.zeros((84, 84, 3), dtype=np.uint8), None, patch=14)
+        vision_pretrain.frame_block_targets(row, pixels, None, patch=14)
+    with pytest.raises(ValueError, match="x.png: a still of 84x84 px in 14 px patches; stills are video frames of 112 px"):
+        vision_pretrain.block_labels(row, pixels, patch=14)
+
+
+def test_block_labels_name_what_covers_each_merged_token():
+    frame = np.full((112, 112, 3), 120, dtype=np.uint8)
+    frame[30:60, 60:90] = curriculum.COLOURS["red"]  # of 784 pixels: block (1, 2) 624, (1, 3) 156, (2, 2) 96, (2, 3) 24
+    frame[5:8, 5:8] = curriculum.COLOURS["blue"]  # 9 pixels of block (0, 0)
+    row = {"objects": [{"colour": "red", "shape": "square"}, {"colour": "blue", "shape": "circle"}]}
+    labels = vision_pretrain.block_labels(row, frame, patch=14)
+    expected = torch.zeros(16, dtype=torch.long)
+    expected[[6, 7]] = 1  # covered at least 15%
+    assert torch.equal(labels.colour, expected * (list(curriculum.COLOURS).index("red") + 1))
+    assert torch.equal(labels.shape, expected * (curriculum.SHAPES.index("square") + 1))
+    assert labels.position is None
+
+
+def test_vision_pretraining_with_stills_adds_their_merged_tokens_loss(tmp_path):
+    runs = weighted_runs(tmp_path, vision_pretrain.pretrain_vision, "frame_weight", 4, dict(videos=3, video_frames=True),
+                         frames="frames.jsonl", background_weight=1.0)
+    assert runs[0.0][0] < runs[1.0][0]  # the same first image batch, plus the stills' loss
+    assert runs[0.0] != runs[1.0]

@@ -68,7 +68,7 @@ SCENE_SLOTS = (
 class PatchLabels:
     colour: torch.Tensor  # (N,) 0 = background, 1.. = COLOURS order
     shape: torch.Tensor  # (N,) 0 = background, 1.. = SHAPES order
-    position: torch.Tensor  # (N, 2) row and column in [0, 1]
+    position: torch.Tensor | None  # (N, 2) row and column in [0, 1]; None: not trained (merged blocks)
 
 
 def palette_index(pixels: np.ndarray) -> np.ndarray:
@@ -157,8 +157,9 @@ class PatchHead(torch.nn.Module):
             F.cross_entropy(colour, labels.colour)
             + F.cross_entropy(shape, labels.shape)
             + F.cross_entropy(pooled_shape, object_shape[is_shape])
-            + 10 * F.mse_loss(self.position(features), labels.position)
         )
+        if labels.position is not None:
+            loss = loss + 10 * F.mse_loss(self.position(features), labels.position)
         metrics = {
             "colour": (colour.argmax(1) == labels.colour).float().mean().item(),
             "shape_of_patch": (shape.argmax(1) == labels.shape)[labels.shape > 0].float().mean().item(),
@@ -206,6 +207,40 @@ def load_rows(path: Path, data_root: Path, processor, patch: int,
     return rows
 
 
+def load_stills(data_root: Path, frames: str | None, weight: float, processor) -> list[tuple[dict, np.ndarray, dict]]:
+    """Each video still's processor inputs (merge size 1), pixels and row, from the `frames.jsonl`
+    rows file `frames` under `data_root` (`curriculum.generate(video_frames=True)`); none when
+    `weight` is 0."""
+    if not weight:
+        return []
+    if not (frames and (data_root / frames).is_file()):
+        raise ValueError(f"frames={frames!r}: frame_weight={weight} needs the stills' rows file under {data_root} "
+                         "(frames.jsonl, written by curriculum.generate(video_frames=True))")
+    stills = []
+    for line in (data_root / frames).read_text().splitlines():
+        row = json.loads(line)
+        pixels = np.asarray(Image.open(data_root / row["image"]).convert("RGB"))
+        inputs = processor.image_processor([Image.fromarray(pixels)], merge_size=1, return_tensors="pt")
+        stills.append((inputs, pixels, row))
+    return stills
+
+
+def check_still(row: dict, pixels: np.ndarray, patch: int) -> None:
+    """A still must be a video frame as the processor serves it: `VIDEO_SIZE` px, `VIDEO_GRID`
+    merged tokens a side."""
+    if pixels.shape[:2] != (VIDEO_SIZE, VIDEO_SIZE) or 2 * patch * VIDEO_GRID != VIDEO_SIZE:
+        raise ValueError(f"{row.get('image')}: a still of {pixels.shape[1]}x{pixels.shape[0]} px in {patch} px patches; "
+                         f"stills are video frames of {VIDEO_SIZE} px, {VIDEO_GRID} merged tokens a side")
+
+
+def block_labels(row: dict, pixels: np.ndarray, patch: int) -> PatchLabels:
+    """Colour and kind of each 2x2-merged token of a video still (`curriculum.frame_row`), raster
+    order, by what covers its `2 * patch` px block (`index_labels`); no positions."""
+    check_still(row, pixels, patch)
+    labels = index_labels(palette_index(pixels), {o["colour"]: o["shape"] for o in row["objects"]}, 2 * patch)
+    return PatchLabels(labels.colour, labels.shape, None)
+
+
 def shift_bounds(index: np.ndarray, most: int) -> tuple[int, int, int, int]:
     """`(low_y, high_y, low_x, high_x)`: the shifts, at most `most` px either way, by which an image
     with `palette_index` map `index` can be rolled without a shape crossing its border."""
@@ -246,7 +281,7 @@ def warmup_cosine(optimizer, steps: int):
 
 def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, steps: int, batch: int, lr: float,
                     seed: int = 0, background_weight: float = 0.0, scene_weight: float = 0.0, shift: int = 0,
-                    device: str = "cpu") -> list[float]:
+                    frames: str | None = None, frame_weight: float = 0.0, device: str = "cpu") -> list[float]:
     """Train `model.model.vision_encoder` in place on dense patch labels (and, with
     `background_weight`, each image's background style; with `scene_weight`, the whole scene from
     every patch) on `device`; returns the loss curve.
@@ -255,7 +290,15 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
     either way that keeps its shapes whole (`shifted_entry`). The curriculum's 84 px images leave a
     shape 1-4 px of play in its quadrant, so without it every shape's centre lies near the middle
     of a patch, while video shapes lie anywhere; at 7 (half a patch) every phase is reached where
-    the image leaves its shapes room. Images must already be at a size the processor keeps."""
+    the image leaves its shapes room. Images must already be at a size the processor keeps.
+
+    `frames` (a `frames.jsonl` under `data_root`, `curriculum.generate(video_frames=True)`) with
+    `frame_weight`: each step also takes `batch // 2` video stills and trains the same read-outs
+    (colour and kind per token and per shape, the background's style) on their 2x2-merged tokens
+    (`block_labels`), with this weight: the tokens a served video frame has. Video shapes lie at
+    any phase of the 28 px merged grid, which the images never show. The recipe runs it as a
+    second pass (its `stills` step) after the images alone; mixed in from the first step, the
+    64-wide encoder kept neither the images' patch kinds nor the stills' well."""
     if shift < 0:
         raise ValueError(f"shift={shift}: the largest shift in pixels must be >= 0")
     encoder = model.model.vision_encoder
@@ -269,6 +312,8 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
             raise ValueError(f"{row['image']}: {pixels.shape[1]}x{pixels.shape[0]} px, but the processor serves it at "
                              f"{served[1]}x{served[0]}; shift rolls the pixels as they are, so images must be at a served size")
         images.append((pixels, palette_index(pixels)))
+    stills = [(inputs, block_labels(row, pixels, patch), row)
+              for inputs, pixels, row in load_stills(data_root, frames, frame_weight, processor)]
     torch.manual_seed(seed)
     head = PatchHead(encoder.config.hidden_size, background_weight, scene_weight).to(device)
     encoder.to(device)
@@ -277,6 +322,7 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
     schedule = warmup_cosine(optimizer, steps)
     rng = random.Random(seed)
     shifts = np.random.default_rng(seed + 1)  # its own stream: the images drawn are the same as without
+    still_rng = random.Random(seed + 2)  # its own stream too
     encoder.train()
     losses = []
     for step in range(steps):
@@ -292,6 +338,20 @@ def pretrain_vision(model, processor, vision_rows: Path, data_root: Path, *, ste
             backgrounds = torch.tensor([BACKGROUNDS.index(row["background"]) for *_, row in chosen], device=device)  # (B,)
         scenes = torch.stack([scene_labels(row) for *_, row in chosen]).to(device) if scene_weight else None  # (B, S)
         loss, metrics = head.loss(features, labels, image_of_patch, backgrounds, scenes)
+        if stills:
+            picked = [stills[i] for i in still_rng.sample(range(len(stills)), min(max(1, batch // 2), len(stills)))]
+            frame_inputs = batch_inputs(picked, device)
+            frame_features = encoder(frame_inputs["pixel_values"], frame_inputs["grid_sizes"], frame_inputs["merge_sizes"])  # (N_f, D)
+            blocks = merge_blocks(frame_features, [tuple(g) for g in frame_inputs["grid_sizes"].tolist()])  # (N_f / 4, D)
+            merged_labels = PatchLabels(*(torch.cat([getattr(lab, f) for _, lab, _ in picked]).to(device)
+                                          for f in ("colour", "shape")), None)
+            image_of_block = torch.cat([torch.full((len(lab.colour),), i) for i, (_, lab, _) in enumerate(picked)]).to(device)  # (N_f / 4,)
+            frame_backgrounds = None
+            if background_weight:
+                frame_backgrounds = torch.tensor([BACKGROUNDS.index(row["background"]) for *_, row in picked], device=device)  # (B_f,)
+            frame_loss, frame_metrics = head.loss(blocks, merged_labels, image_of_block, frame_backgrounds)
+            loss = loss + frame_weight * frame_loss
+            metrics.update({f"frame_{k}": v for k, v in frame_metrics.items()})
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -339,9 +399,7 @@ def frame_block_targets(row: dict, pixels: np.ndarray, embed, patch: int) -> tup
     colour and kind and of the token's own quadrant, `(M, D)`: how `tools.scene_pretrain` lays out
     a served video's tokens (`clip_tokens`), so a merged token is pulled to the scene token the LLM
     learnt to read."""
-    if pixels.shape[:2] != (VIDEO_SIZE, VIDEO_SIZE) or 2 * patch * VIDEO_GRID != VIDEO_SIZE:
-        raise ValueError(f"{row.get('image')}: a still of {pixels.shape[1]}x{pixels.shape[0]} px in {patch} px patches; "
-                         f"stills are video frames of {VIDEO_SIZE} px, {VIDEO_GRID} merged tokens a side")
+    check_still(row, pixels, patch)
     counts = block_counts(palette_index(pixels), 2 * patch)  # (N / 4, C) pixels of each palette colour
     covered = counts.sum(1) > 0
     objects = {o["colour"]: o for o in row["objects"]}
@@ -398,15 +456,8 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
         grids = [tuple(g) for g in inputs["grid_sizes"].tolist()]
         covered = merge_blocks((labels.colour > 0).float()[:, None], grids)[:, 0] > 0  # (N / 4,)
         merged_targets.append((covered, merge_blocks(target, grids)[covered]))  # (N / 4,), (M, D_t)
-    if frame_weight and not (frames and (data_root / frames).is_file()):
-        raise ValueError(f"frames={frames!r}: frame_weight={frame_weight} needs the stills' rows file under {data_root} "
-                         "(frames.jsonl, written by curriculum.generate(video_frames=True))")
-    stills = []
-    for line in (data_root / frames).read_text().splitlines() if frame_weight else ():
-        row = json.loads(line)
-        pixels = np.asarray(Image.open(data_root / row["image"]).convert("RGB"))
-        inputs = processor.image_processor([Image.fromarray(pixels)], merge_size=1, return_tensors="pt")
-        stills.append((inputs, *frame_block_targets(row, pixels, embed, encoder.config.patch_size)))
+    stills = [(inputs, *frame_block_targets(row, pixels, embed, encoder.config.patch_size))
+              for inputs, pixels, row in load_stills(data_root, frames, frame_weight, processor)]
     scale = embeddings.var()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW([{"params": encoder.parameters(), "lr": lr / 10},
