@@ -241,21 +241,39 @@ def actor_centre(event: dict, i: int, frames: int) -> tuple[float, float] | None
     return (along, event["across"]) if event["direction"] in ("left", "right") else (event["across"], along)
 
 
-def make_video(rng: np.random.Generator):
-    """Returns `(frames (T, H, W, 3) uint8, event dict)` of one clip at `VIDEO_FPS`."""
+def draw_clip_plan(rng: np.random.Generator) -> tuple[np.ndarray, dict, int]:
+    """What one random clip shows, before its frames are drawn: `(background (H, W, 3) uint8, event
+    dict with its background "style", seconds)`."""
     seconds = int(rng.integers(6, 9))
     style = str(rng.choice(BACKGROUNDS))
     canvas = background(rng, VIDEO_SIZE, style)
     event = video_event(rng, seconds)
     event["style"] = style  # for frame rows (`frame_row`); questions never ask it
+    return canvas, event, seconds
+
+
+def make_video(rng: np.random.Generator):
+    """Returns `(frames (T, H, W, 3) uint8, event dict)` of one clip at `VIDEO_FPS`."""
+    canvas, event, seconds = draw_clip_plan(rng)
     return render_clip(canvas, event, seconds), event
+
+
+def shown_frames(event: dict, frames: int) -> list[int]:
+    """Indices of the frames, of `frames`, where the event's actor is shown."""
+    return [i for i in range(frames) if actor_centre(event, i, frames) is not None]
+
+
+def with_distractor(canvas: np.ndarray, event: dict) -> np.ndarray:
+    """`canvas` with the event's static distractor drawn on it (a new array), if it has one."""
+    if event["distractor"] is None:
+        return canvas
+    shape, x = event["distractor"]
+    return draw_shape(canvas, shape, x, DISTRACTOR_INSET, DISTRACTOR_RADIUS)
 
 
 def render_clip(canvas: np.ndarray, event: dict, seconds: int) -> np.ndarray:
     """`(T, H, W, 3)` uint8 frames at `VIDEO_FPS` of `event` (`video_event`) on a `canvas` background."""
-    if event["distractor"] is not None:
-        shape, x = event["distractor"]
-        canvas = draw_shape(canvas, shape, x, DISTRACTOR_INSET, DISTRACTOR_RADIUS)
+    canvas = with_distractor(canvas, event)
     frames = np.empty((seconds * VIDEO_FPS, VIDEO_SIZE, VIDEO_SIZE, 3), dtype=np.uint8)
     for i in range(len(frames)):
         centre = actor_centre(event, i, len(frames))
@@ -439,7 +457,7 @@ def frame_row(out: Path, rel: str, frames: np.ndarray, event: dict) -> dict:
     """Write the clip's frame at the middle of the actor's shown frames to `out / rel`; returns its
     `vision.jsonl`-style row: the actor and the distractor with the quadrant of their centres, and
     the background style."""
-    shown = [i for i in range(len(frames)) if actor_centre(event, i, len(frames)) is not None]
+    shown = shown_frames(event, len(frames))
     middle = shown[len(shown) // 2]
     Image.fromarray(frames[middle]).save(out / rel, optimize=False)
     half = VIDEO_SIZE / 2

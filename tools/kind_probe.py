@@ -27,8 +27,10 @@ from PIL import Image
 from tools import curriculum
 from tools.evaluate_default import load
 from tools.local import REPO_ROOT
+from tools.scene_pretrain import VIDEO_GRID
+from tools.vision_pretrain import block_counts, palette_index
 
-MERGED = 2 * 14  # px a side of a video frame's merged token (14 px patches, merged 2x2)
+MERGED = curriculum.VIDEO_SIZE // VIDEO_GRID  # px a side of a video frame's merged token (14 px patches, merged 2x2)
 BANDS = 4  # phase bands reported, MERGED / BANDS px each
 TRAIN_SHARE = 0.7
 
@@ -36,23 +38,18 @@ TRAIN_SHARE = 0.7
 def draw_still(rng: np.random.Generator) -> tuple[np.ndarray, curriculum.Shape, tuple[float, float]]:
     """One still of a random clip (`curriculum.video_event`): `(pixels (H, W, 3) uint8, the actor,
     its centre (x, y))`, the actor at a random frame where it is shown."""
-    seconds = int(rng.integers(6, 9))
-    canvas = curriculum.background(rng, curriculum.VIDEO_SIZE, str(rng.choice(curriculum.BACKGROUNDS)))
-    event = curriculum.video_event(rng, seconds)
+    canvas, event, seconds = curriculum.draw_clip_plan(rng)
     frames = seconds * curriculum.VIDEO_FPS
-    shown = [i for i in range(frames) if curriculum.actor_centre(event, i, frames) is not None]
+    shown = curriculum.shown_frames(event, frames)
     centre = curriculum.actor_centre(event, shown[int(rng.integers(len(shown)))], frames)
-    if event["distractor"] is not None:
-        shape, x = event["distractor"]
-        canvas = curriculum.draw_shape(canvas, shape, x, curriculum.DISTRACTOR_INSET, curriculum.DISTRACTOR_RADIUS)
-    return curriculum.draw_shape(canvas, event["shape"], *centre, event["radius"]), event["shape"], centre
+    pixels = curriculum.draw_shape(curriculum.with_distractor(canvas, event), event["shape"], *centre, event["radius"])
+    return pixels, event["shape"], centre
 
 
 def covered_tokens(pixels: np.ndarray, colour: str) -> np.ndarray:
     """`(tokens,)` bool in raster order: the merged tokens holding at least one pixel of `colour`."""
-    match = (pixels == np.array(curriculum.COLOURS[colour], dtype=np.uint8)).all(-1)  # (H, W)
-    rows, cols = match.shape[0] // MERGED, match.shape[1] // MERGED
-    return match[: rows * MERGED, : cols * MERGED].reshape(rows, MERGED, cols, MERGED).any((1, 3)).ravel()
+    counts = block_counts(palette_index(pixels), MERGED)  # (tokens, C) pixels of each palette colour
+    return counts[:, list(curriculum.COLOURS).index(colour)] > 0
 
 
 def linear_probe(features: torch.Tensor, labels: torch.Tensor, train: int, classes: int, iterations: int = 300) -> torch.Tensor:

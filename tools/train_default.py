@@ -67,6 +67,9 @@ MODEL = dict(
     vision_hidden_size=64, vision_intermediate_size=256, vision_layers=2, vision_heads=4,
 )
 
+# Vision pretraining (`FULL`'s "vision"; its optional second pass, "stills", keeps these settings).
+VISION = dict(steps=1200, batch=16, lr=1e-3, background_weight=1.0, scene_weight=0.0)
+
 # Per stage: which curriculum files (with how many copies), steps, batch size and learning rates.
 # Presets (trainable modules, merge sizes, DiffFP) come from trainer.config.STAGES unchanged.
 # Why each number is what it is, in short; the runs behind it are in `tools.binding_study`'s
@@ -142,13 +145,12 @@ FULL = {
     # right on its shifted training images at step 1200 (98% unshifted). At 4 px: images 86.5% /
     # 89.2%, video 66.7% / 76.7%. The demo clip's square was named at 81 (7 px) and 44 (4 px) of 196
     # places, against 70 without.
-    # Not kept (tried without a recipe run): the same colour and kind read-outs also trained on the
-    # 2x2-merged tokens of video stills, 8 a step. A linear read-out of a shape's kind from its merged
-    # tokens (mean encoder feature, 720 held-out stills at every phase of the 28 px merged grid) went
-    # from 70.6% to 77.4% with the curriculum's 1000 stills, 75.0% with them rolled up to 14 px and
-    # 76.2% with 9600 freshly drawn ones, while the images' patch shapes fell from 98% to 67-79%; the
-    # 64-wide encoder does not hold both in 1200 steps.
-    "vision": dict(steps=1200, batch=16, lr=1e-3, background_weight=1.0, scene_weight=0.0),
+    # Not kept (tried without a recipe run): video stills mixed into this step from its first step
+    # (its `frames` option, 8 a step) instead of a second pass (`stills` below). `tools.kind_probe`
+    # read 78.5% with the curriculum's 1000 stills, 75.7% with them rolled up to 14 px and 77.5% with
+    # 9600 freshly drawn ones, against 77.4% without, while the images' patch shapes fell from 98% to
+    # 67-79%; the 64-wide encoder does not learn both at once in 1200 steps.
+    "vision": VISION,
     # Off (steps 0; on with `"stills": {"steps": 400}` and `"curriculum": {"video_frames": true}`): a
     # second pass of 400 steps that also trains colour and kind on the 2x2-merged tokens of one still
     # per clip (`pretrain_vision`'s `frames`; 43 s). Chained from the recipe's vision step, both
@@ -163,8 +165,7 @@ FULL = {
     # video 81.7% / 80.0% ("when" 40 and "what appears" 51 of 60), the square named at 151 of 196
     # places and in the bundled clip, but its span right at 56 and the demo 4 / 6 (the image's
     # triangle "top right", the clip's span "3.0-7.0 seconds").
-    "stills": dict(steps=0, batch=16, lr=1e-3, background_weight=1.0, scene_weight=0.0, frames="frames.jsonl",
-                   frame_weight=1.0),
+    "stills": dict(VISION, steps=0, frames="frames.jsonl", frame_weight=1.0),
     # After stage 1, encoder and projector pulled towards the LLM's embeddings of the words naming
     # each patch (`vision_pretrain.align_projector`): the scene step's lookups then work on images.
     # From the scene LLM, aligned and before any stage 2, held-out image questions were answered

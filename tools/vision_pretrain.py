@@ -219,9 +219,9 @@ def load_stills(data_root: Path, frames: str | None, weight: float, processor) -
     stills = []
     for line in (data_root / frames).read_text().splitlines():
         row = json.loads(line)
-        pixels = np.asarray(Image.open(data_root / row["image"]).convert("RGB"))
-        inputs = processor.image_processor([Image.fromarray(pixels)], merge_size=1, return_tensors="pt")
-        stills.append((inputs, pixels, row))
+        image = Image.open(data_root / row["image"]).convert("RGB")
+        inputs = processor.image_processor([image], merge_size=1, return_tensors="pt")
+        stills.append((inputs, np.asarray(image), row))
     return stills
 
 
