@@ -184,3 +184,41 @@ def test_video_frames_are_stills_of_each_clip_with_their_shapes(written, tmp_pat
             half = curriculum.VIDEO_SIZE / 2
             centre = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)
             assert o["quadrant"] == curriculum.QUADRANTS[2 * (centre[1] >= half) + (centre[0] >= half)]
+
+
+def test_appear_videos_are_appearances_in_their_own_file_from_their_own_generator(written, tmp_path):
+    paths = curriculum.generate(tmp_path / "a", seed=3, appear_videos=4, **SIZES)
+    for name in ("image", "caption", "vision", "video", "text", "eval"):
+        assert (tmp_path / "a" / f"{name}.jsonl").read_bytes() == (written / f"{name}.jsonl").read_bytes()
+    rows = [json.loads(line) for line in open(paths["video_appear"])]
+    assert len(rows) == 4
+    for row in rows:
+        (rel,) = row["video"]
+        assert rel.startswith("videos/appear")
+        turns = dict(zip((m["value"].removeprefix("<video>\n") for m in row["conversations"][0::2]),
+                         (m["value"] for m in row["conversations"][1::2])))
+        when = f"When does the {turns['What appears in the video?'].removeprefix('a ')} appear?"
+        assert set(turns) == {"What appears in the video?", when}
+        clip = IP.load_video(str(tmp_path / "a" / rel), fps=1, max_frames=180)
+        start, end = parse_span(turns[when])
+        assert 0 <= start < end <= len(clip.timestamps)
+    # Their own generator: the same clips whatever else is drawn before them.
+    other = curriculum.generate(tmp_path / "b", seed=3, appear_videos=4, more_videos=2, images=1, videos=1, texts=0)
+    assert other["video_appear"].read_bytes() == paths["video_appear"].read_bytes()
+    for row in rows:
+        assert (tmp_path / "b" / row["video"][0]).read_bytes() == (tmp_path / "a" / row["video"][0]).read_bytes()
+
+
+def test_video_events_of_a_kind_follow_that_kinds_draws():
+    rng = np.random.default_rng(0)
+    events = [curriculum.video_event(rng, 8, "move") for _ in range(20)]
+    assert {e["kind"] for e in events} == {"move"} and len({e["direction"] for e in events}) > 1
+    # The first event of that kind among unrestricted draws from the same generator state.
+    for kind in curriculum.EVENT_KINDS:
+        drawn, unrestricted = np.random.default_rng(11), np.random.default_rng(11)
+        first = next(e for e in iter(lambda: curriculum.video_event(unrestricted, 7), None) if e["kind"] == kind)
+        assert curriculum.video_event(drawn, 7, kind) == first
+    mixed = [curriculum.video_event(np.random.default_rng(s), 8) for s in range(40)]
+    assert {e["kind"] for e in mixed} == {"appear", "move"}
+    with pytest.raises(ValueError, match=r"kind 'vanish': not one of the video events \('appear', 'move'\)"):
+        curriculum.video_event(rng, 8, "vanish")

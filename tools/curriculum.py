@@ -47,6 +47,7 @@ SHAPES = ("circle", "square", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUNDS = ("plain", "striped", "checkered", "noisy")
 DIRECTIONS = ("left", "right", "up", "down")
+EVENT_KINDS = ("appear", "move")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
 IMAGE_SIZE = 84
@@ -55,6 +56,8 @@ VIDEO_SIZE = 112
 DISTRACTOR_INSET = 18.0
 DISTRACTOR_RADIUS = 11.0
 VIDEO_FPS = 10
+# `generate`'s appearance clips draw from `default_rng(seed + APPEAR_SEED)`, apart from the rest.
+APPEAR_SEED = 4242
 ANSWER_STYLES = ("short", "restated")
 SYSTEM_NAME = "I am VideoLLaMA3, a tiny model that describes shapes in images and videos."
 
@@ -203,11 +206,24 @@ def image_questions(rng: np.random.Generator, shapes, quadrants, style, answers:
 # ---- videos ------------------------------------------------------------------------------------
 
 
-def video_event(rng: np.random.Generator, seconds: int) -> dict:
+def video_event(rng: np.random.Generator, seconds: int, kind: str | None = None) -> dict:
     """The random content of a `seconds`-long clip (its background aside): the actor shape, an
     optional static distractor and one event, "appear" (visible from second `start` to `end`) or
     "move" (`direction`, at `across` pixels on the other axis). `tools.scene_pretrain` draws the
-    same events for its symbolic videos."""
+    same events for its symbolic videos.
+
+    `kind` ("appear" or "move"): events are drawn until one is of that kind, so it follows the
+    distribution of all events of that kind; None (default) takes the first, of either kind."""
+    if kind not in (None, *EVENT_KINDS):
+        raise ValueError(f"kind {kind!r}: not one of the video events {EVENT_KINDS}")
+    while True:
+        event = any_video_event(rng, seconds)
+        if kind is None or event["kind"] == kind:
+            return event
+
+
+def any_video_event(rng: np.random.Generator, seconds: int) -> dict:
+    """One `video_event`, of either kind (an appearance or a motion, one in two each)."""
     count = 2 if rng.random() < 0.5 else 1
     shapes = distinct_shapes(rng, count)
     event = {"shape": shapes[0], "radius": float(rng.uniform(15, 18)), "distractor": None}
@@ -241,20 +257,21 @@ def actor_centre(event: dict, i: int, frames: int) -> tuple[float, float] | None
     return (along, event["across"]) if event["direction"] in ("left", "right") else (event["across"], along)
 
 
-def draw_clip_plan(rng: np.random.Generator) -> tuple[np.ndarray, dict, int]:
+def draw_clip_plan(rng: np.random.Generator, kind: str | None = None) -> tuple[np.ndarray, dict, int]:
     """What one random clip shows, before its frames are drawn: `(background (H, W, 3) uint8, event
-    dict with its background "style", seconds)`."""
+    dict with its background "style", seconds)`; `kind`: the event's (`video_event`)."""
     seconds = int(rng.integers(6, 9))
     style = str(rng.choice(BACKGROUNDS))
     canvas = background(rng, VIDEO_SIZE, style)
-    event = video_event(rng, seconds)
+    event = video_event(rng, seconds, kind)
     event["style"] = style  # for frame rows (`frame_row`); questions never ask it
     return canvas, event, seconds
 
 
-def make_video(rng: np.random.Generator):
-    """Returns `(frames (T, H, W, 3) uint8, event dict)` of one clip at `VIDEO_FPS`."""
-    canvas, event, seconds = draw_clip_plan(rng)
+def make_video(rng: np.random.Generator, kind: str | None = None):
+    """Returns `(frames (T, H, W, 3) uint8, event dict)` of one clip at `VIDEO_FPS`; `kind`: its
+    event's (`video_event`)."""
+    canvas, event, seconds = draw_clip_plan(rng, kind)
     return render_clip(canvas, event, seconds), event
 
 
@@ -359,7 +376,7 @@ def vision_row(rel: str, shapes, quadrants, style: str) -> dict:
 
 def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, texts: int = 300, turns: int = 3,
              prefix: str = "", answers: str = "short", wide_images: int = 0, more_videos: int = 0,
-             video_frames: bool = False) -> dict[str, Path]:
+             video_frames: bool = False, appear_videos: int = 0) -> dict[str, Path]:
     """Write media and the JSONL files below under `out_dir`; returns their paths by name.
 
     * `image.jsonl`: one line per image with up to `turns` question turns (caption included
@@ -385,6 +402,10 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     `video_frames`: also write one still of each video (`frame_row`) and list them in `frames.jsonl`
     (for aligning the merged tokens of video frames, `vision_pretrain.align_projector`); no random
     number is drawn for them, so every other file is the same with or without them.
+    `appear_videos`: that many more videos whose event is an appearance (questions: what appears,
+    and when), listed in `video_appear.jsonl` only: the temporal grounding the recipe's model learns
+    last. They are drawn from a generator of their own (seeded `seed + APPEAR_SEED`), so every other
+    file is the same with or without them, whatever else is drawn.
     """
     check_answer_style(answers)
     out = Path(out_dir)
@@ -396,6 +417,8 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
         rows["video_more"] = []
     if video_frames:
         rows["frames"] = []
+    if appear_videos:
+        rows["video_appear"] = []
 
     for i in range(images):
         pixels, shapes, quadrants, style = make_image(rng)
@@ -430,6 +453,10 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     for i in range(more_videos):
         video_row(rng, out, f"videos/{prefix}more{i:05d}.mp4", rows["video_more"])
 
+    appear_rng = np.random.default_rng(seed + APPEAR_SEED)
+    for i in range(appear_videos):
+        video_row(appear_rng, out, f"videos/{prefix}appear{i:05d}.mp4", rows["video_appear"], kind="appear")
+
     paths = {}
     for name, items in rows.items():
         paths[name] = out / f"{name}.jsonl"
@@ -439,11 +466,13 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     return paths
 
 
-def video_row(rng: np.random.Generator, out: Path, rel: str, rows: list, frame_rows: list | None = None) -> tuple[str, list]:
-    """Draw a clip, write it to `out / rel` and append its training row (all its questions as turns,
-    in random order) to `rows`; returns `rel` and the questions. With `frame_rows`, one still of the
-    clip is written beside it and its `frame_row` appended there (no random number is drawn for it)."""
-    frames, event = make_video(rng)
+def video_row(rng: np.random.Generator, out: Path, rel: str, rows: list, frame_rows: list | None = None,
+              kind: str | None = None) -> tuple[str, list]:
+    """Draw a clip (its event of `kind`, `video_event`), write it to `out / rel` and append its
+    training row (all its questions as turns, in random order) to `rows`; returns `rel` and the
+    questions. With `frame_rows`, one still of the clip is written beside it and its `frame_row`
+    appended there (no random number is drawn for it)."""
+    frames, event = make_video(rng, kind)
     write_video(out / rel, frames)
     if frame_rows is not None:
         frame_rows.append(frame_row(out, rel.replace(".mp4", ".png"), frames, event))
@@ -530,11 +559,13 @@ def main(argv=None):
     parser.add_argument("--wide-images", type=int, default=0, help="112 px images, in vision.jsonl only (vision pretraining, alignment)")
     parser.add_argument("--more-videos", type=int, default=0, help="more videos, in video_more.jsonl only")
     parser.add_argument("--video-frames", action="store_true", help="one still per video, in frames.jsonl")
+    parser.add_argument("--appear-videos", type=int, default=0,
+                        help="more videos of appearances (what appears, when), in video_appear.jsonl only")
     parser.add_argument("--answers", choices=ANSWER_STYLES, default="short", help="style of the image answers")
     args = parser.parse_args(argv)
     paths = generate(args.out_dir, seed=args.seed, images=args.images, videos=args.videos, texts=args.texts,
                      answers=args.answers, wide_images=args.wide_images, more_videos=args.more_videos,
-                     video_frames=args.video_frames)
+                     video_frames=args.video_frames, appear_videos=args.appear_videos)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -1,11 +1,11 @@
 """The tiny recipe: train the embedded default VideoLLaMA3 from nothing, on 2 CPU cores, in one command.
 
-    python -m tools.train_default                    # full recipe -> ./tiny_model (18-25 minutes, `FULL`)
+    python -m tools.train_default                    # full recipe -> ./tiny_model (20-27 minutes, `FULL`)
     python -m tools.train_default --quick --out /tmp/t  # a few steps per stage (tests, CI)
 
 Steps, mirroring how the real model was made at a scale a laptop can run:
-1. `tools.curriculum` writes the synthetic shapes curriculum (images, H.264 videos, text) in the
-   official data format.
+1. `tools.curriculum` writes the synthetic shapes curriculum (images, H.264 videos with a still
+   of each, 1000 more clips of appearances only, text) in the official data format.
 2. A byte-level BPE tokenizer is trained on the curriculum's text (Qwen2 pre-tokenizer, the Qwen
    chat specials, `<image>` and the stream tokens), and wrapped in the VideoLLaMA3 processor.
 3. A randomly initialised tiny model; its LLM alone is pretrained on symbolic scenes
@@ -15,9 +15,8 @@ Steps, mirroring how the real model was made at a scale a laptop can run:
    on: a text-only chat pretraining of the LLM through `trainer/`.
 4. The vision encoder is pretrained alone on dense patch labels (`tools.vision_pretrain`: colour,
    shape and position of every patch, and each image's background style), standing in for
-   starting from SigLIP. Off unless `--plan` turns it on: a second pass that also trains colour
-   and kind on the 2x2-merged tokens of one still per training clip (`stills`), the tokens video
-   frames are served as.
+   starting from SigLIP; then a second pass that also trains colour and kind on the 2x2-merged
+   tokens of one still per training clip (`stills`), the tokens video frames are served as.
    Off unless `--plan` turns it on: a linear map that gives colour, kind, quadrant and background
    like shares of each feature, folded into the projector's first linear
    (`vision_pretrain.balance_projector`).
@@ -29,7 +28,8 @@ Steps, mirroring how the real model was made at a scale a laptop can run:
    Between stages 1 and 2, encoder and projector are pulled towards the LLM's embeddings of the
    words naming each patch (`vision_pretrain.align_projector`, the stand-in for SigLIP's language
    alignment), so the visual tokens read like the scenes the LLM learnt its lookups on; the
-   2x2-merged tokens video frames are served as are aligned too.
+   2x2-merged tokens video frames are served as are aligned too. Stages 3 and 4 also train on
+   the clips of appearances (temporal grounding).
 6. The stage-4 checkpoint is copied to `--out` in the Hub layout (config with `auto_map`,
    `model.safetensors`, processor, tokenizer, chat template, the four remote-code files); its
    processor serves images at the official merge size (1).
@@ -75,13 +75,17 @@ VISION = dict(steps=1200, batch=16, lr=1e-3, background_weight=1.0, scene_weight
 # Why each number is what it is, in short; the runs behind it are in `tools.binding_study`'s
 # docstring and the notes on the embedded-default issue. One plan run twice spreads by about 5
 # points (71.4% / 66.8% image where only float rounding differed), so single runs rank plans only
-# coarsely.
+# coarsely. A run "chained from the recipe's" step started from that step of the recipe of its
+# day: before `stills` and `video_appear` were on, unless its comment says otherwise. "The 777 set":
+# `python -m tools.evaluate_default --images 0 --videos 240 --seed 777` (480 video questions), a
+# larger measure of video answers than the held-out sets' 120.
 FULL = {
     # 256 wide with 8 heads: on symbolic scenes it learns the lookups by step 800 (`scenes`), the
     # 128-wide LLM not in 1000. The scene steps take 4.5-7 minutes, hence 60 / 380 / 320 / 340 steps
-    # for stages 1-4: 23.2-24.8 minutes (1392-1487 s, scene step 377-431 s) on 2 cores in slow hours,
-    # about 18 minutes (1075 s) at the per-step times of a faster hour: the machine's speed varies by
-    # 30-40% hour to hour.
+    # for stages 1-4. The whole recipe: 22.6 minutes (1353 s, scene step 338 s) on 2 cores in its last
+    # run; before `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8 minutes (1392-
+    # 1487 s, scene step 377-431 s) in slow hours and about 18 minutes in fast ones: the machine's
+    # speed varies by 30-40% hour to hour.
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
@@ -103,7 +107,7 @@ FULL = {
     # (1000, vision pretraining without them): images 87.5% / 89.0% (positions 466 of 601, against
     # 572), video 68.3% / 70.0%.
     # Off: `more_videos` (1000 more clips, in `video_more.jsonl` only, so the tokenizer and every
-    # other file are unchanged). Chained from the recipe's stage 2, with stages 3 and 4 drawing half
+    # other file are unchanged; `video_appear` below replaced them). Chained from the recipe's stage 2, with stages 3 and 4 drawing half
     # their video rows from them (same steps; `"data"` with `"video_more": 1`): video 75.0% / 85.8%,
     # "when" 36 against 28 of 60, direction 59 against 57, the demo clip's span within 1 s at 188 of
     # 196 places against 146 (`tools.demo_sweep --step 4`), its square named at 85 against 70 and the
@@ -111,7 +115,9 @@ FULL = {
     # curriculum took 20 s more and stage 3 about 50 s more (more of its rows are videos). In stage
     # 4 alone: video 76.7% / 79.2%, images 92.1% / 93.9%, the stage about 30 s longer (new clips to
     # decode).
-    "curriculum": dict(images=2000, videos=1000, texts=600),
+    # Stills of the clips for the second vision pass (`video_frames`) and 1000 clips of appearances
+    # for stages 3 and 4 (`appear_videos`, in `video_appear.jsonl` only): see `stills` and stage 3.
+    "curriculum": dict(images=2000, videos=1000, texts=600, video_frames=True, appear_videos=1000),
     # The stand-in for Qwen2.5's lookups in context (`tools.scene_pretrain`): from fresh weights,
     # held-out scenes are answered at 1 in n among several shapes until about step 400; at step 800
     # (seed 1) colour 100%, shape 99% and positions 72% of 300 held-out scenes (at step 690: 100%,
@@ -151,21 +157,16 @@ FULL = {
     # 9600 freshly drawn ones, against 77.4% without, while the images' patch shapes fell from 98% to
     # 67-79%; the 64-wide encoder does not learn both at once in 1200 steps.
     "vision": VISION,
-    # Off (steps 0; on with `"stills": {"steps": 400}` and `"curriculum": {"video_frames": true}`): a
-    # second pass of 400 steps that also trains colour and kind on the 2x2-merged tokens of one still
-    # per clip (`pretrain_vision`'s `frames`; 43 s). Chained from the recipe's vision step, both
-    # held-out sets: images 93.7% / 95.6% (colour 701 / 701, shape 689 / 701), video 74.2% / 76.7%;
-    # "what appears" 49 and "what moves" 56 of 60 (47 and 50 without), direction 50 against 57,
-    # "when" 26 against 28. A linear read-out of a video shape's kind from its merged tokens
-    # (`tools.kind_probe`) is right for 87.8% of shapes against 79.0%, and the demo clip's square is
-    # named at 137 of 196 places against 70 (`tools.demo_sweep --step 4`), but its span is right at
-    # only 75 against 146, and the demo is 4 / 6: "a green circle" still, and "4.0-6.0 seconds".
-    # With 1000 more clips too (`more_videos`; stage 3 data image 1, video 1, video_more 1, text 1,
-    # stage 4 video 2, video_more 2, image 1, text 1): images 90.8% / 91.7% (captions 155 of 300),
-    # video 81.7% / 80.0% ("when" 40 and "what appears" 51 of 60), the square named at 151 of 196
-    # places and in the bundled clip, but its span right at 56 and the demo 4 / 6 (the image's
-    # triangle "top right", the clip's span "3.0-7.0 seconds").
-    "stills": dict(VISION, steps=0, frames="frames.jsonl", frame_weight=1.0),
+    # A second pass of 400 steps that also trains colour and kind on the 2x2-merged tokens of one
+    # still per clip (`pretrain_vision`'s `frames`, the curriculum's `video_frames`; 43 s): a video
+    # shape's kind was lost in the encoder, where its edges fall near the 28 px merged grid. A
+    # linear read-out of it from the merged tokens a shape covers (`tools.kind_probe`) is right for
+    # 87.8% of shapes against 79.0% without the pass. Chained from the vision step, with the
+    # earlier stages 3-4 (no `video_appear`), both held-out sets: images 93.7% / 95.6% (colour 701 /
+    # 701, shape 689 / 701), video 74.2% / 76.7%; the demo clip's square named at 137 of 196 places
+    # against 70 (`tools.demo_sweep --step 4`), but its span right at 75 against 146 (mostly an end
+    # at the clip's last frame); the appearance clips of stages 3-4 are what fixed that.
+    "stills": dict(VISION, steps=400, frames="frames.jsonl", frame_weight=1.0),
     # After stage 1, encoder and projector pulled towards the LLM's embeddings of the words naming
     # each patch (`vision_pretrain.align_projector`): the scene step's lookups then work on images.
     # From the scene LLM, aligned and before any stage 2, held-out image questions were answered
@@ -196,20 +197,34 @@ FULL = {
     # image rows doubled as well, 90.7% / 91.5% and the demo 4 / 6. 5x in stage 3 alone: 90.0% /
     # 91.1%, video 70.8% / 72.5%; in stage 4 alone: 89.3% / 90.9%; 2.5x in both: 89.2% / 90.8%,
     # video 68.3% / 76.7%; the demo 5, 5 and 4 / 6.
+    # Stages 3 and 4 also train on 1000 clips whose event is an appearance (`video_appear`; what
+    # appears, and when). "When" was the kind learnt least: on 240 clips of another seed (777; 480
+    # video questions) the model without them got 60 of 115 spans, and a shape that disappears
+    # inside the clip mostly got the clip's last frame as its end. Chained from the recipe's stage 2
+    # (with `stills`), both held-out sets, then the 777 set: with them (stage 4's image rows at 2)
+    # images 90.5% / 91.0% (captions 145 of 300), video 85.0% / 82.5% ("when" 51 of 60); on the 777
+    # set video 83.5%, "when" 101 and "what appears" 100 of 115, direction 97 of 125 (117 without:
+    # fewer of its clips move); the demo clip's square named at 155 of 196 places, its span right at
+    # 177. Stage 4's image rows at 1: images 89.9% / 90.2%, video 81.7% / 85.8%. 1000 more clips of
+    # both kinds instead (`more_videos`, the mix of `video_appear`): images 90.8% / 91.7%, video 81.7%
+    # / 80.0%; on the 777 set video 82.7%, "when" 84 of 115; the span right at 56 of 196. Without
+    # `stills` and without these clips (the recipe before): images 92.9% / 94.8%, video 74.2% /
+    # 77.5%; on the 777 set video 74.6%, "when" 60 and "what appears" 84 of 115; the square named
+    # at 70 of 196 places and the span right at 146 (often by answering "4.0-6.0 seconds").
     1: dict(data={"caption": 1}, steps=60, batch=16, lr=dict(vision=1e-4, projector=1e-3)),
     2: dict(data={"caption": 1, "image": 2}, steps=380, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
-    3: dict(data={"image": 1, "video": 1, "text": 1}, steps=320, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
-    4: dict(data={"video": 2, "image": 1, "text": 1}, steps=340, batch=16, lr=dict(vision=1e-4, projector=5e-4, llm=5e-4)),
+    3: dict(data={"image": 1, "video": 1, "video_appear": 1, "text": 1}, steps=320, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
+    4: dict(data={"video": 2, "video_appear": 2, "image": 2, "text": 1}, steps=340, batch=16, lr=dict(vision=1e-4, projector=5e-4, llm=5e-4)),
 }
 QUICK = {
     "model": MODEL,
-    "curriculum": dict(images=8, videos=4, texts=8, video_frames=True),
+    "curriculum": dict(images=8, videos=4, texts=8, video_frames=True, appear_videos=2),
     "scenes": dict(steps=2, batch=4, lr=1e-3, every=2, eval_scenes=8),
     "positions": dict(steps=2, batch=4, lr=1e-3, every=2, eval_scenes=8, kinds=("position",)),
     "pretrain": dict(data={"text": 1, "lm": 1}, steps=0, batch=4, lr=3e-3),
     # The full plan's heads and losses (background style, merged tokens), for a few steps.
     "vision": dict(FULL["vision"], steps=2, batch=4),
-    "stills": dict(FULL["stills"], steps=2, batch=4),  # on here, so the quick run covers it
+    "stills": dict(FULL["stills"], steps=2, batch=4),
     "align": dict(FULL["align"], steps=2, batch=4),
     "balance": dict(images=0, residual=0.2),
     **{stage: {**FULL[stage], "steps": 2, "batch": 4} for stage in (1, 2, 3, 4)},
