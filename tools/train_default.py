@@ -196,7 +196,11 @@ FULL = {
     # and the demo was 6 / 6, but images fell to 88.7% / 89.8% (captions 177 of 300); with stage 4's
     # image rows doubled as well, 90.7% / 91.5% and the demo 4 / 6. 5x in stage 3 alone: 90.0% /
     # 91.1%, video 70.8% / 72.5%; in stage 4 alone: 89.3% / 90.9%; 2.5x in both: 89.2% / 90.8%,
-    # video 68.3% / 76.7%; the demo 5, 5 and 4 / 6.
+    # video 68.3% / 76.7%; the demo 5, 5 and 4 / 6. With `stills` and `video_appear` (chained from
+    # this recipe's stage 3), stage 4's encoder at 2e-4 instead of 1e-4: images 91.7% / 92.0%, video
+    # 86.7% / 87.5%, but on the 777 set video 83.5% as at 1e-4 ("what appears" 91 against 100 of
+    # 115), and the demo clip's square named at 131 of 196 places against 155, its span right at 142
+    # against 177; the demo 5 / 6 either way.
     # Stages 3 and 4 also train on 1000 clips whose event is an appearance (`video_appear`; what
     # appears, and when). "When" was the kind learnt least: on 240 clips of another seed (777; 480
     # video questions) the model without them got 60 of 115 spans, and a shape that disappears
