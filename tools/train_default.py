@@ -165,7 +165,14 @@ FULL = {
     # earlier stages 3-4 (no `video_appear`), both held-out sets: images 93.7% / 95.6% (colour 701 /
     # 701, shape 689 / 701), video 74.2% / 76.7%; the demo clip's square named at 137 of 196 places
     # against 70 (`tools.demo_sweep --step 4`), but its span right at 75 against 146 (mostly an end
-    # at the clip's last frame); the appearance clips of stages 3-4 are what fixed that.
+    # at the clip's last frame); the appearance clips of stages 3-4 are what fixed that. 600 steps
+    # instead of 400 (with `video_appear`, the rest of the recipe unchanged): images 93.7% / 95.4%,
+    # video 80.0% / 79.2%, the 777 set 83.3% (83.5% at 400); the square named at 157 of 196 places
+    # and in the bundled clip, but the span right at 113 against 177 and wrong in the bundled clip
+    # ("2.0-8.0 seconds"): the demo 5 / 6 either way. With stage 4's `video_appear` rows at 3 as
+    # well: images 94.7% / 95.9%, video 80.8% / 85.8%, the 777 set 82.9% ("when" 100 of 115), the
+    # square named at 164 of 196 places and in the bundled clip, but the span right at only 30 of
+    # 196 (mostly the clip's last stamp as its end) and the demo 5 / 6 again ("1.0-8.0 seconds").
     "stills": dict(VISION, steps=400, frames="frames.jsonl", frame_weight=1.0),
     # After stage 1, encoder and projector pulled towards the LLM's embeddings of the words naming
     # each patch (`vision_pretrain.align_projector`): the scene step's lookups then work on images.
