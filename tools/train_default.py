@@ -106,15 +106,15 @@ FULL = {
     # places, against 70 without, and its span right at 87 and 99 against 146. In alignment only
     # (1000, vision pretraining without them): images 87.5% / 89.0% (positions 466 of 601, against
     # 572), video 68.3% / 70.0%.
-    # Off: `more_videos` (1000 more clips, in `video_more.jsonl` only, so the tokenizer and every
-    # other file are unchanged; `video_appear` below replaced them). Chained from the recipe's stage 2, with stages 3 and 4 drawing half
-    # their video rows from them (same steps; `"data"` with `"video_more": 1`): video 75.0% / 85.8%,
-    # "when" 36 against 28 of 60, direction 59 against 57, the demo clip's span within 1 s at 188 of
-    # 196 places against 146 (`tools.demo_sweep --step 4`), its square named at 85 against 70 and the
-    # demo's "what appears" still wrong; images 92.4% / 93.7%, captions 200 against 220 of 300. The
-    # curriculum took 20 s more and stage 3 about 50 s more (more of its rows are videos). In stage
-    # 4 alone: video 76.7% / 79.2%, images 92.1% / 93.9%, the stage about 30 s longer (new clips to
-    # decode).
+    # Off: `more_videos` (1000 more clips, in `video_more.jsonl` only, so the tokenizer and every other
+    # file are unchanged; `video_appear` replaced them). Chained from the recipe's stage 2, with stages
+    # 3 and 4 drawing half their video rows from them (same steps; `"data"` with `"video_more": 1`):
+    # video 75.0% / 85.8%, "when" 36 against 28 of 60, direction 59 against 57, the demo clip's span
+    # within 1 s at 188 of 196 places against 146 (`tools.demo_sweep --step 4`), its square named at 85
+    # against 70 and the demo's "what appears" still wrong; images 92.4% / 93.7%, captions 200 against
+    # 220 of 300. The curriculum took 20 s more and stage 3 about 50 s more (more of its rows are
+    # videos). In stage 4 alone: video 76.7% / 79.2%, images 92.1% / 93.9%, the stage about 30 s longer
+    # (new clips to decode).
     # Stills of the clips for the second vision pass (`video_frames`) and 1000 clips of appearances
     # for stages 3 and 4 (`appear_videos`, in `video_appear.jsonl` only): see `stills` and stage 3.
     "curriculum": dict(images=2000, videos=1000, texts=600, video_frames=True, appear_videos=1000),
@@ -210,8 +210,9 @@ FULL = {
     # against 177; the demo 5 / 6 either way.
     # Stages 3 and 4 also train on 1000 clips whose event is an appearance (`video_appear`; what
     # appears, and when). "When" was the kind learnt least: on 240 clips of another seed (777; 480
-    # video questions) the model without them got 60 of 115 spans, and a shape that disappears
-    # inside the clip mostly got the clip's last frame as its end. Chained from the recipe's stage 2
+    # video questions) the recipe before (no `stills` either) got 60 of 115 spans right, and of the
+    # 59 whose shape disappears inside the clip 21 (with `stills` and 1000 more clips of both kinds,
+    # 35; mostly the clip's last stamp given as the end). Chained from the recipe's stage 2
     # (with `stills`), both held-out sets, then the 777 set: with them (stage 4's image rows at 2)
     # images 90.5% / 91.0% (captions 145 of 300), video 85.0% / 82.5% ("when" 51 of 60); on the 777
     # set video 83.5%, "when" 101 and "what appears" 100 of 115, direction 97 of 125 (117 without:
@@ -224,8 +225,10 @@ FULL = {
     # at 70 of 196 places and the span right at 146 (often by answering "4.0-6.0 seconds").
     1: dict(data={"caption": 1}, steps=60, batch=16, lr=dict(vision=1e-4, projector=1e-3)),
     2: dict(data={"caption": 1, "image": 2}, steps=380, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
-    3: dict(data={"image": 1, "video": 1, "video_appear": 1, "text": 1}, steps=320, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
-    4: dict(data={"video": 2, "video_appear": 2, "image": 2, "text": 1}, steps=340, batch=16, lr=dict(vision=1e-4, projector=5e-4, llm=5e-4)),
+    3: dict(data={"image": 1, "video": 1, "video_appear": 1, "text": 1}, steps=320, batch=16,
+            lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
+    4: dict(data={"video": 2, "video_appear": 2, "image": 2, "text": 1}, steps=340, batch=16,
+            lr=dict(vision=1e-4, projector=5e-4, llm=5e-4)),
 }
 QUICK = {
     "model": MODEL,
