@@ -156,6 +156,18 @@ def test_evaluation_scores_every_held_out_question(run, tmp_path):
     assert result["scores"]["pruned"] == pytest.approx(1 - tokens["kept"] / tokens["total"])
 
 
+def test_evaluation_scores_only_what_the_set_asks(run, tmp_path, capsys):
+    from tools import evaluate_default
+
+    out, _ = run
+    result = evaluate_default.evaluate(str(out), images=0, videos=1, data_dir=str(tmp_path / "videos"))
+    assert set(result["scores"]) == {"video", "pruned"}  # no image questions: no image score, not 0%
+    evaluate_default.main(["--model", str(out), "--images", "0", "--videos", "1", "--data-dir", str(tmp_path / "videos")])
+    printed = capsys.readouterr().out
+    assert "image questions exact" not in printed
+    assert "(not in this set, so not checked: image)" in printed
+
+
 def test_evaluation_seed_chooses_the_held_out_set(run, tmp_path):
     from tools import curriculum, evaluate_default
 
