@@ -207,7 +207,8 @@ FULL = {
     # this recipe's stage 3), stage 4's encoder at 2e-4 instead of 1e-4: images 91.7% / 92.0%, video
     # 86.7% / 87.5%, but on the 777 set video 83.5% as at 1e-4 ("what appears" 91 against 100 of
     # 115), and the demo clip's square named at 131 of 196 places against 155, its span right at 142
-    # against 177; the demo 5 / 6 either way.
+    # against 177; the demo 5 / 6 either way. Stage 4 at 300 steps instead of 340 (35 s less):
+    # images 89.7% / 90.9%, video 82.5% / 80.0%, the demo 3 / 6.
     # Stages 3 and 4 also train on 1000 clips whose event is an appearance (`video_appear`; what
     # appears, and when). "When" was the kind learnt least: on 240 clips of another seed (777; 480
     # video questions) the recipe before (no `stills` either) got 60 of 115 spans right, and of the
