@@ -166,6 +166,8 @@ def test_evaluation_scores_only_what_the_set_asks(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "image questions exact" not in printed
     assert "(not in this set, so not checked: image)" in printed
+    with pytest.raises(ValueError, match=r"eval.jsonl: no held-out questions to answer \(images=0, videos=0\)"):
+        evaluate_default.evaluate(str(out), images=0, videos=0, data_dir=str(tmp_path / "empty"))
 
 
 def test_evaluation_seed_chooses_the_held_out_set(run, tmp_path):

@@ -107,6 +107,8 @@ def evaluate(model_path: str, images: int = 150, videos: int = 60, batch_size: i
     if not (data / "eval.jsonl").exists():
         curriculum.generate(data, seed=seed, images=images, videos=videos, texts=0, answers=answers)
     rows = [json.loads(line) for line in open(data / "eval.jsonl")]
+    if not rows:
+        raise ValueError(f"{data / 'eval.jsonl'}: no held-out questions to answer (images={images}, videos={videos})")
     style = answer_style(rows)
     if style not in (None, answers):
         # Scored against the other style, every image answer would count as wrong.
@@ -172,13 +174,14 @@ def main(argv=None):
         print(f"{name:>18}: {right}/{total} ({right / total:.0%})")
     tokens = result["video_tokens"]
     scores = result["scores"]
-    if "image" in scores:
-        print(f"image questions exact:    {scores['image']:.1%} (target >= {TARGETS['image']:.0%})")
-    if "video" in scores:
-        print(f"video questions correct:  {scores['video']:.1%} (target >= {TARGETS['video']:.0%}; spans within 1 s)")
-    if "pruned" in scores:
-        print(f"DiffFP pruned:            {scores['pruned']:.1%} of video tokens ({tokens['total'] - tokens['kept']} of "
-              f"{tokens['total']}) (target >= {TARGETS['pruned']:.0%})")
+    labels = {
+        "image": "image questions exact:    {:.1%} (target >= {:.0%})",
+        "video": "video questions correct:  {:.1%} (target >= {:.0%}; spans within 1 s)",
+        "pruned": f"DiffFP pruned:            {{:.1%}} of video tokens ({tokens['total'] - tokens['kept']} of "
+                  f"{tokens['total']}) (target >= {{:.0%}})",
+    }
+    for name, score in scores.items():
+        print(labels[name].format(score, TARGETS[name]))
     for modality, kind, prediction, reference in result["mistakes"]:
         print(f"  wrong {modality}/{kind}: {prediction!r} (expected {reference!r})")
     print(f"evaluated in {result['seconds']:.0f} s")
