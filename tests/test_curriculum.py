@@ -36,6 +36,27 @@ def test_same_seed_gives_identical_bytes(written, tmp_path):
     assert digest(tmp_path) == digest(written)
 
 
+def test_media_written_by_worker_processes_are_the_same_bytes(tmp_path):
+    every = dict(SIZES, video_frames=True, appear_videos=3, more_videos=2, wide_images=2)
+    curriculum.generate(tmp_path / "one", seed=3, **every)
+    curriculum.generate(tmp_path / "two", seed=3, workers=2, **every)
+    assert len(list((tmp_path / "two" / "videos").iterdir())) == 4 + 3 + 2 + 4  # clips and the stills
+    assert digest(tmp_path / "two") == digest(tmp_path / "one")
+
+
+def test_workers_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="workers=0: at least one process"):
+        curriculum.generate(tmp_path, workers=0, **SIZES)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_media_write_names_its_file(tmp_path, workers):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "00001.mp4").mkdir()  # a folder where the second clip should go
+    with pytest.raises(RuntimeError, match=r"could not write .*videos/00001\.mp4: IsADirectoryError"):
+        curriculum.generate(tmp_path, seed=3, workers=workers, **SIZES)
+
+
 def test_other_seed_differs(written, tmp_path):
     curriculum.generate(tmp_path, seed=4, **SIZES)
     assert digest(tmp_path) != digest(written)

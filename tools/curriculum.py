@@ -28,6 +28,8 @@ The world:
 
 import argparse
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -376,7 +378,7 @@ def vision_row(rel: str, shapes, quadrants, style: str) -> dict:
 
 def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, texts: int = 300, turns: int = 3,
              prefix: str = "", answers: str = "short", wide_images: int = 0, more_videos: int = 0,
-             video_frames: bool = False, appear_videos: int = 0) -> dict[str, Path]:
+             video_frames: bool = False, appear_videos: int = 0, workers: int = 1) -> dict[str, Path]:
     """Write media and the JSONL files below under `out_dir`; returns their paths by name.
 
     * `image.jsonl`: one line per image with up to `turns` question turns (caption included
@@ -406,9 +408,21 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     and when), listed in `video_appear.jsonl` only: the temporal grounding the recipe's model learns
     last. They are drawn from a generator of their own (seeded `seed + APPEAR_SEED`), so every other
     file is the same with or without them, whatever else is drawn.
+    `workers`: processes that render and encode the media files (`MediaWriter`); every random
+    number is still drawn here, in order, so the files are byte-identical for any number of workers.
+    With more than one, a script calling this needs the `if __name__ == "__main__":` guard: the
+    workers are spawned, and a spawned process imports the main module.
     """
     check_answer_style(answers)
-    out = Path(out_dir)
+    if workers < 1:
+        raise ValueError(f"workers={workers}: at least one process must write the media")
+    with MediaWriter(workers) as writer:
+        return _generate(Path(out_dir), writer, seed, images, videos, texts, turns, prefix, answers, wide_images,
+                         more_videos, video_frames, appear_videos)
+
+
+def _generate(out: Path, writer, seed, images, videos, texts, turns, prefix, answers, wide_images, more_videos,
+              video_frames, appear_videos) -> dict[str, Path]:
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -423,7 +437,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     for i in range(images):
         pixels, shapes, quadrants, style = make_image(rng)
         rel = f"images/{prefix}{i:05d}.png"
-        Image.fromarray(pixels).save(out / rel, optimize=False)
+        writer.submit(write_png, out / rel, pixels)
         qa = image_questions(rng, shapes, quadrants, style, answers)
         order = rng.permutation(len(qa))
         chosen = [qa[j] for j in order[:turns]]
@@ -436,7 +450,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
                                  "conversations": conversation("<image>", [(q, a)])})
 
     for i in range(videos):
-        rel, qa = video_row(rng, out, f"videos/{prefix}{i:05d}.mp4", rows["video"], rows.get("frames"))
+        rel, qa = video_row(rng, writer, out, f"videos/{prefix}{i:05d}.mp4", rows["video"], rows.get("frames"))
         for kind, q, a in qa:
             rows["eval"].append({"video": [rel], "modality": "video", "kind": kind,
                                  "conversations": conversation("<video>", [(q, a)])})
@@ -447,15 +461,15 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     for i in range(wide_images):
         pixels, shapes, quadrants, style = make_image(rng, VIDEO_SIZE)
         rel = f"images/{prefix}wide{i:05d}.png"
-        Image.fromarray(pixels).save(out / rel, optimize=False)
+        writer.submit(write_png, out / rel, pixels)
         rows["vision"].append(vision_row(rel, shapes, quadrants, style))
 
     for i in range(more_videos):
-        video_row(rng, out, f"videos/{prefix}more{i:05d}.mp4", rows["video_more"])
+        video_row(rng, writer, out, f"videos/{prefix}more{i:05d}.mp4", rows["video_more"])
 
     appear_rng = np.random.default_rng(seed + APPEAR_SEED)
     for i in range(appear_videos):
-        video_row(appear_rng, out, f"videos/{prefix}appear{i:05d}.mp4", rows["video_appear"], kind="appear")
+        video_row(appear_rng, writer, out, f"videos/{prefix}appear{i:05d}.mp4", rows["video_appear"], kind="appear")
 
     paths = {}
     for name, items in rows.items():
@@ -466,36 +480,90 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     return paths
 
 
-def video_row(rng: np.random.Generator, out: Path, rel: str, rows: list, frame_rows: list | None = None,
+def video_row(rng: np.random.Generator, writer, out: Path, rel: str, rows: list, frame_rows: list | None = None,
               kind: str | None = None) -> tuple[str, list]:
-    """Draw a clip (its event of `kind`, `video_event`), write it to `out / rel` and append its
-    training row (all its questions as turns, in random order) to `rows`; returns `rel` and the
-    questions. With `frame_rows`, one still of the clip is written beside it and its `frame_row`
-    appended there (no random number is drawn for it)."""
-    frames, event = make_video(rng, kind)
-    write_video(out / rel, frames)
+    """Draw a clip (its event of `kind`, `video_event`), have `writer` (`MediaWriter`) render it to
+    `out / rel` and append its training row (all its questions as turns, in random order) to `rows`;
+    returns `rel` and the questions. With `frame_rows`, one still of the clip is written beside it
+    and its `frame_row` appended there (no random number is drawn for it)."""
+    canvas, event, seconds = draw_clip_plan(rng, kind)
+    still = None
     if frame_rows is not None:
-        frame_rows.append(frame_row(out, rel.replace(".mp4", ".png"), frames, event))
+        row, middle = frame_row(rel.replace(".mp4", ".png"), event, seconds)
+        frame_rows.append(row)
+        still = (out / row["image"], middle)
+    writer.submit(write_clip, out / rel, canvas, event, seconds, still)
     qa = video_questions(event)
     order = rng.permutation(len(qa))
     rows.append({"video": [rel], "conversations": conversation("<video>", [qa[j][1:] for j in order])})
     return rel, qa
 
 
-def frame_row(out: Path, rel: str, frames: np.ndarray, event: dict) -> dict:
-    """Write the clip's frame at the middle of the actor's shown frames to `out / rel`; returns its
-    `vision.jsonl`-style row: the actor and the distractor with the quadrant of their centres, and
-    the background style."""
-    shown = shown_frames(event, len(frames))
+def write_clip(path: Path, canvas: np.ndarray, event: dict, seconds: int, still: tuple[Path, int] | None) -> None:
+    """Render a drawn clip (`draw_clip_plan`) and encode it to `path`; `still`: `(path, frame index)`
+    of one frame to save as PNG as well."""
+    frames = render_clip(canvas, event, seconds)
+    write_video(path, frames)
+    if still is not None:
+        write_png(still[0], frames[still[1]])
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    Image.fromarray(pixels).save(path, optimize=False)
+
+
+def frame_row(rel: str, event: dict, seconds: int) -> tuple[dict, int]:
+    """The still of a clip written to `rel`: the frame at the middle of the actor's shown frames.
+    Returns its `vision.jsonl`-style row (the actor and the distractor with the quadrant of their
+    centres, and the background style) and that frame's index."""
+    frames = seconds * VIDEO_FPS
+    shown = shown_frames(event, frames)
     middle = shown[len(shown) // 2]
-    Image.fromarray(frames[middle]).save(out / rel, optimize=False)
     half = VIDEO_SIZE / 2
-    placed = [(event["shape"], actor_centre(event, middle, len(frames)))]
+    placed = [(event["shape"], actor_centre(event, middle, frames))]
     if event["distractor"] is not None:
         shape, x = event["distractor"]
         placed.append((shape, (x, DISTRACTOR_INSET)))
     quadrants = [2 * (y >= half) + (x >= half) for _, (x, y) in placed]
-    return vision_row(rel, [shape for shape, _ in placed], quadrants, event["style"])
+    return vision_row(rel, [shape for shape, _ in placed], quadrants, event["style"]), middle
+
+
+class MediaWriter:
+    """Runs the media writes `generate` hands it: inline with one worker, else in that many
+    processes. Rendering and encoding are most of a curriculum's time and draw no random number,
+    so the random draws stay in order in the caller and the files do not depend on `workers`.
+    A failed write raises a `RuntimeError` naming its file: at once inline, else when the `with`
+    block is left, which waits for every file."""
+
+    def __init__(self, workers: int = 1):
+        # spawn: the caller may already run torch's or the tokenizers' threads, which fork would copy.
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+        self.pending = []
+
+    def submit(self, write, path: Path, *args) -> None:
+        """`write(path, *args)`, now or in a worker."""
+        if self.pool is not None:
+            self.pending.append((path, self.pool.submit(write, path, *args)))
+            return
+        try:
+            write(path, *args)
+        except Exception as error:
+            raise RuntimeError(f"could not write {path}: {type(error).__name__}: {error}") from error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.pool is None:
+            return False
+        try:
+            for path, future in self.pending:
+                error = future.exception()
+                if error is not None and exc_info[0] is None:
+                    raise RuntimeError(f"could not write {path}: {type(error).__name__}: {error}") from error
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+        return False
 
 
 def corpus_text(paths: dict[str, Path]) -> list[str]:
@@ -562,10 +630,11 @@ def main(argv=None):
     parser.add_argument("--appear-videos", type=int, default=0,
                         help="more videos of appearances (what appears, when), in video_appear.jsonl only")
     parser.add_argument("--answers", choices=ANSWER_STYLES, default="short", help="style of the image answers")
+    parser.add_argument("--workers", type=int, default=1, help="processes writing media (same files for any number)")
     args = parser.parse_args(argv)
     paths = generate(args.out_dir, seed=args.seed, images=args.images, videos=args.videos, texts=args.texts,
                      answers=args.answers, wide_images=args.wide_images, more_videos=args.more_videos,
-                     video_frames=args.video_frames, appear_videos=args.appear_videos)
+                     video_frames=args.video_frames, appear_videos=args.appear_videos, workers=args.workers)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -105,7 +105,8 @@ def evaluate(model_path: str, images: int = 150, videos: int = 60, batch_size: i
         data_dir = scratch.name
     data = Path(data_dir)
     if not (data / "eval.jsonl").exists():
-        curriculum.generate(data, seed=seed, images=images, videos=videos, texts=0, answers=answers)
+        curriculum.generate(data, seed=seed, images=images, videos=videos, texts=0, answers=answers,
+                            workers=torch.get_num_threads())
     rows = [json.loads(line) for line in open(data / "eval.jsonl")]
     if not rows:
         raise ValueError(f"{data / 'eval.jsonl'}: no held-out questions to answer (images={images}, videos={videos})")

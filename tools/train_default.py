@@ -82,10 +82,14 @@ VISION = dict(steps=1200, batch=16, lr=1e-3, background_weight=1.0, scene_weight
 FULL = {
     # 256 wide with 8 heads: on symbolic scenes it learns the lookups by step 800 (`scenes`), the
     # 128-wide LLM not in 1000. The scene steps take 4.5-7 minutes, hence 60 / 380 / 320 / 340 steps
-    # for stages 1-4. The whole recipe: 22.6 minutes (1353 s, scene step 338 s) on 2 cores in its last
-    # run; before `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8 minutes (1392-
-    # 1487 s, scene step 377-431 s) in slow hours and about 18 minutes in fast ones: the machine's
-    # speed varies by 30-40% hour to hour.
+    # for stages 1-4. The whole recipe: 22.6-25.2 minutes on 2 cores in its last three runs (1353, 1402
+    # and 1510 s; scene step 338, 376 and 413 s; the curriculum written by two processes in the last,
+    # 40 s against 59 s); before `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8
+    # minutes (1392-1487 s, scene step 377-431 s) in slow hours and about 18 minutes in fast ones: the
+    # machine's speed varies by 30-40% hour to hour. Its steps are compute-bound: the scene step's
+    # matrix products run at about 180 GFLOP/s, near these two cores' peak, and its rows are 1%
+    # padding; a worker process encoding stage 3's batches (`--dataloader_num_workers 1`) gave the
+    # same weights but no steady gain (80-89 s against 86 s for 100 steps: both cores are busy).
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
@@ -470,7 +474,8 @@ def main(argv=None):
     timings = {}
     start = time.time()
 
-    curriculum.generate(data_dir, seed=SEED, **plan["curriculum"])
+    # Media are rendered and encoded in one process per thread (the same files for any number).
+    curriculum.generate(data_dir, seed=SEED, workers=args.threads, **plan["curriculum"])
     paths = {n: data_dir / f"{n}.jsonl" for n in ("image", "caption", "video", "text")}
     write_lm_rows(data_dir)
     tokenizer = build_tokenizer(curriculum.corpus_text(paths) + [f"Time {t:.1f}s:" for t in range(200)])
