@@ -557,9 +557,10 @@ class MediaWriter:
         if self.pool is None:
             return False
         try:
-            for path, future in self.pending:
+            # After an error in the block, the files still queued are not waited for.
+            for path, future in self.pending if exc_info[0] is None else ():
                 error = future.exception()
-                if error is not None and exc_info[0] is None:
+                if error is not None:
                     raise RuntimeError(f"could not write {path}: {type(error).__name__}: {error}") from error
         finally:
             self.pool.shutdown(cancel_futures=True)

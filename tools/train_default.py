@@ -86,10 +86,11 @@ FULL = {
     # and 1510 s; scene step 338, 376 and 413 s; the curriculum written by two processes in the last,
     # 40 s against 59 s); before `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8
     # minutes (1392-1487 s, scene step 377-431 s) in slow hours and about 18 minutes in fast ones: the
-    # machine's speed varies by 30-40% hour to hour. Its steps are compute-bound: the scene step's
-    # matrix products run at about 180 GFLOP/s, near these two cores' peak, and its rows are 1%
-    # padding; a worker process encoding stage 3's batches (`--dataloader_num_workers 1`) gave the
-    # same weights but no steady gain (80-89 s against 86 s for 100 steps: both cores are busy).
+    # machine's speed varies by 30-40% hour to hour. Its steps are compute-bound: matrix products
+    # are 62% of a scene step (about 110 GFLOP/s on these two AVX2 cores) and its rows only 1%
+    # padding; a worker process encoding stage 3's batches (`--dataloader_num_workers
+    # 1`) gave the same weights but no steady gain (79-89 s against 86 s for 100 steps: both cores
+    # are busy anyway).
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
