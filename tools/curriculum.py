@@ -270,10 +270,9 @@ def draw_clip_plan(rng: np.random.Generator, kind: str | None = None) -> tuple[n
     return canvas, event, seconds
 
 
-def make_video(rng: np.random.Generator, kind: str | None = None):
-    """Returns `(frames (T, H, W, 3) uint8, event dict)` of one clip at `VIDEO_FPS`; `kind`: its
-    event's (`video_event`)."""
-    canvas, event, seconds = draw_clip_plan(rng, kind)
+def make_video(rng: np.random.Generator):
+    """Returns `(frames (T, H, W, 3) uint8, event dict)` of one clip at `VIDEO_FPS`."""
+    canvas, event, seconds = draw_clip_plan(rng)
     return render_clip(canvas, event, seconds), event
 
 
@@ -414,14 +413,13 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
     workers are spawned, and a spawned process imports the main module.
     """
     check_answer_style(answers)
-    if workers < 1:
-        raise ValueError(f"workers={workers}: at least one process must write the media")
     with MediaWriter(workers) as writer:
-        return _generate(Path(out_dir), writer, seed, images, videos, texts, turns, prefix, answers, wide_images,
-                         more_videos, video_frames, appear_videos)
+        return _generate(Path(out_dir), writer, seed=seed, images=images, videos=videos, texts=texts, turns=turns,
+                         prefix=prefix, answers=answers, wide_images=wide_images, more_videos=more_videos,
+                         video_frames=video_frames, appear_videos=appear_videos)
 
 
-def _generate(out: Path, writer, seed, images, videos, texts, turns, prefix, answers, wide_images, more_videos,
+def _generate(out: Path, writer, *, seed, images, videos, texts, turns, prefix, answers, wide_images, more_videos,
               video_frames, appear_videos) -> dict[str, Path]:
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -513,7 +511,7 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 def frame_row(rel: str, event: dict, seconds: int) -> tuple[dict, int]:
-    """The still of a clip written to `rel`: the frame at the middle of the actor's shown frames.
+    """The still of a clip, to be written to `rel`: the frame at the middle of the actor's shown frames.
     Returns its `vision.jsonl`-style row (the actor and the distractor with the quadrant of their
     centres, and the background style) and that frame's index."""
     frames = seconds * VIDEO_FPS
@@ -536,6 +534,8 @@ class MediaWriter:
     block is left, which waits for every file."""
 
     def __init__(self, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers={workers}: at least one process must write the media")
         # spawn: the caller may already run torch's or the tokenizers' threads, which fork would copy.
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
         self.pending = []
@@ -548,7 +548,7 @@ class MediaWriter:
         try:
             write(path, *args)
         except Exception as error:
-            raise RuntimeError(f"could not write {path}: {type(error).__name__}: {error}") from error
+            raise write_failed(path, error) from error
 
     def __enter__(self):
         return self
@@ -561,10 +561,14 @@ class MediaWriter:
             for path, future in self.pending if exc_info[0] is None else ():
                 error = future.exception()
                 if error is not None:
-                    raise RuntimeError(f"could not write {path}: {type(error).__name__}: {error}") from error
+                    raise write_failed(path, error) from error
         finally:
             self.pool.shutdown(cancel_futures=True)
         return False
+
+
+def write_failed(path: Path, error: BaseException) -> RuntimeError:
+    return RuntimeError(f"could not write {path}: {type(error).__name__}: {error}")
 
 
 def corpus_text(paths: dict[str, Path]) -> list[str]:
