@@ -1,5 +1,6 @@
 """Training: stage recipes, data formats, labels, packing, freezing, resume, LoRA (tiny models, CPU)."""
 
+import copy
 import json
 
 import datasets
@@ -24,7 +25,7 @@ from trainer import (
     stage_preset,
 )
 from trainer.config import STAGES
-from trainer.data import INDEX_COLUMN, RECORD_COLUMN, to_conversation
+from trainer.data import INDEX_COLUMN, RECORD_COLUMN, SampleCache, to_conversation
 from trainer.trainers import copy_remote_code, module_parameters, register_auto_classes
 
 REPLIES = ["Grey noise.", "A square slides right.", "Hello there!", "Both are synthetic.", "Yes."]
@@ -198,9 +199,9 @@ def test_sample_cache_gives_the_encoded_sample_of_a_row_seen_before(tmp_path, me
     again = encoder(rows[4])
     assert again.index == 4 and first[0].index == 0
     assert again.pixel_values is first[0].pixel_values  # not decoded again
-    assert len(encoder._cache) == 3
+    assert len(encoder.cache) == 3
     encoder(rows[3])  # a fourth distinct row evicts the least recently used one (row 1; row 0 was just used)
-    assert len(encoder._cache) == 3
+    assert len(encoder.cache) == 3
     assert encoder(rows[5]).pixel_values is not first[1].pixel_values  # row 1's content was evicted
     for a, b in zip(plain([rows[i] for i in range(6)]).values(), cached([rows[i] for i in range(6)]).values()):
         assert torch.equal(a, b)
@@ -209,7 +210,44 @@ def test_sample_cache_gives_the_encoded_sample_of_a_row_seen_before(tmp_path, me
     first = encoder({**row, "images": [Image.new("RGB", (84, 56), (200, 0, 0))]})
     second = encoder({**row, "images": [Image.new("RGB", (84, 56), (0, 0, 200))]})
     assert not torch.equal(first.pixel_values, second.pixel_values)
-    assert len(encoder._cache) == 3
+    assert len(encoder.cache) == 3
+
+
+def test_a_shared_sample_cache_serves_only_encoders_that_encode_alike(tmp_path, media_root, processor):
+    """Collators sharing one `SampleCache` (stages run in one process) get each other's samples only
+    where they would encode them alike: stage 4 merges images 2x2, so it re-encodes the rows with
+    images and takes the video-only and text rows from stage 3; its batch equals its own uncached
+    one. Other video settings miss on videos only; another image processor config or tokenizer
+    misses everywhere."""
+    rows = records(official_rows())  # image, video, text, image + video
+    shared = SampleCache(32)
+    stage3 = build_collator(processor, train_args(tmp_path, media_root), sample_cache=shared)
+    encoded = [stage3.encoder(row) for row in rows]
+    assert len(shared) == 4
+    again = build_collator(processor, train_args(tmp_path, media_root), sample_cache=shared)
+    assert all(again.encoder(row).input_ids is sample.input_ids for row, sample in zip(rows, encoded))
+
+    stage4 = build_collator(processor, train_args(tmp_path, media_root, stage=4), sample_cache=shared)
+    served = [stage4.encoder(row) for row in rows]
+    assert [a.input_ids is b.input_ids for a, b in zip(served, encoded)] == [False, True, True, False]
+    assert len(shared) == 6
+    uncached = build_collator(processor, train_args(tmp_path, media_root, stage=4))
+    for a, b in zip(uncached(rows).values(), stage4(rows).values()):
+        assert torch.equal(a, b)
+
+    other_fps = build_collator(processor, train_args(tmp_path, media_root, fps=2.0), sample_cache=shared)
+    assert other_fps.encoder(rows[1]).input_ids is not encoded[1].input_ids
+    assert other_fps.encoder(rows[2]).input_ids is encoded[2].input_ids  # text: no video settings
+    other_images = copy.deepcopy(processor)
+    other_images.image_processor.patch_size = 7
+    other_tokens = copy.deepcopy(processor)
+    other_tokens.tokenizer.add_tokens(["<shape>"])
+    for other in (other_images, other_tokens):
+        collator = build_collator(other, train_args(tmp_path, media_root), sample_cache=shared)
+        assert collator.encoder.fingerprint != stage3.encoder.fingerprint
+        assert collator.encoder(rows[2]).input_ids is not encoded[2].input_ids
+    with pytest.raises(ValueError, match="max_size=0: a sample cache holds at least one sample"):
+        SampleCache(0)
 
 
 def test_supervised_tokens_are_exactly_assistant_replies(tmp_path, media_root, processor):

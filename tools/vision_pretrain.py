@@ -74,9 +74,16 @@ class PatchLabels:
 def palette_index(pixels: np.ndarray) -> np.ndarray:
     """`(H, W)` int: per pixel 1 + its colour's index in `COLOURS` where it is exactly a palette
     colour (a shape), 0 elsewhere (background)."""
-    palette = np.array([COLOURS[c] for c in COLOURS])  # (C, 3)
-    match = (pixels[:, :, None, :] == palette[None, None]).all(-1)  # (H, W, C)
+    palette = np.array([COLOURS[c] for c in COLOURS], dtype=np.int64)  # (C, 3)
+    # Each RGB triple packed into one integer: one comparison per colour instead of three.
+    packed = pack_rgb(pixels.astype(np.int64))  # (H, W)
+    match = packed[:, :, None] == pack_rgb(palette)[None, None]  # (H, W, C)
     return np.where(match.any(-1), match.argmax(-1) + 1, 0)  # (H, W)
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """`(..., 3)` integer RGB as `(...)` integers `r << 16 | g << 8 | b`."""
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
 def block_counts(index: np.ndarray, side: int) -> np.ndarray:
@@ -85,7 +92,10 @@ def block_counts(index: np.ndarray, side: int) -> np.ndarray:
     rows, cols = index.shape[0] // side, index.shape[1] // side
     blocks = index[: rows * side, : cols * side].reshape(rows, side, cols, side).swapaxes(1, 2)
     blocks = blocks.reshape(rows * cols, side * side)  # (blocks, side*side)
-    return np.eye(len(COLOURS) + 1)[blocks].sum(1)[:, 1:]  # (blocks, C)
+    values = len(COLOURS) + 1
+    offsets = blocks + values * np.arange(rows * cols)[:, None]  # each block's values counted apart
+    counts = np.bincount(offsets.ravel(), minlength=rows * cols * values).reshape(rows * cols, values)  # (blocks, C + 1)
+    return counts[:, 1:].astype(np.float64)  # (blocks, C)
 
 
 def patch_labels(pixels: np.ndarray, kinds: dict[str, str], patch: int) -> PatchLabels:

@@ -69,7 +69,10 @@ def parse_args(argv=None) -> tuple[dict, Videollama3SFTConfig]:
     return settings, config
 
 
-def main(argv=None):
+def main(argv=None, sample_cache=None):
+    """Run one training from command-line arguments; returns the trainer. `sample_cache`: a
+    `trainer.data.SampleCache` to encode into, shared with runs before and after this one in the
+    same process (a recipe's stages), so rows they share are decoded once."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, config = parse_args(argv)
     from .trainers import STAGE_TRAINERS, Videollama3Trainer
@@ -77,7 +80,8 @@ def main(argv=None):
     trainer_class = STAGE_TRAINERS.get(config.stage, Videollama3Trainer)
     train_dataset = load_records(settings["data"])
     eval_dataset = load_records(settings["eval_data"]) if settings.get("eval_data") else None
-    trainer = trainer_class(model=settings["model"], args=config, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    trainer = trainer_class(model=settings["model"], args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                            sample_cache=sample_cache)
 
     logger.info("training on %d process(es)", trainer.accelerator.num_processes)
     resume = settings.get("resume")

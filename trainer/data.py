@@ -18,6 +18,7 @@ labels cover only assistant replies and their `<|im_end|>`. `Videollama3DataColl
 into one padding-free row with `position_ids` restarting per sample.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -322,6 +323,53 @@ class EncodedSample:
     compression_mask: torch.Tensor | None = None  # (M,)
 
 
+# `SampleEncoder.processor_kwargs` that only images / only videos are encoded with (`media_settings`).
+IMAGE_ONLY_KWARGS = ("image_merge_size",)
+VIDEO_ONLY_KWARGS = ("fps", "max_frames", "video_merge_size", "use_token_compression")
+
+
+class SampleCache:
+    """Encoded samples in memory, least recently used out first once more than `max_size` are held.
+
+    `SampleEncoder` keys each sample by its own `fingerprint`, the settings its media are encoded
+    with (`media_settings`) and the row's content, so one cache can serve several encoders: stages
+    run one after another in one process (`python -m trainer`'s `main(..., sample_cache=...)`)
+    decode a row they encode alike once, and an encoder with other settings, processor or
+    tokenizer never gets another's samples.
+    """
+
+    def __init__(self, max_size: int):
+        if max_size < 1:
+            raise ValueError(f"max_size={max_size}: a sample cache holds at least one sample")
+        self.max_size = max_size
+        self._samples: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def get(self, key) -> EncodedSample | None:
+        sample = self._samples.get(key)
+        if sample is not None:
+            self._samples.move_to_end(key)
+        return sample
+
+    def put(self, key, sample: EncodedSample) -> None:
+        self._samples[key] = sample
+        self._samples.move_to_end(key)
+        if len(self._samples) > self.max_size:
+            self._samples.popitem(last=False)
+
+
+def _config_json(processor) -> str | None:
+    """A processor's saved config as JSON (None for none); `repr` where it cannot serialise itself."""
+    if processor is None:
+        return None
+    try:
+        return processor.to_json_string()
+    except (TypeError, ValueError, AttributeError):
+        return repr(processor)
+
+
 @dataclass
 class SampleEncoder:
     """Turns a dataset row into an `EncodedSample` with the processor's chat template.
@@ -336,7 +384,8 @@ class SampleEncoder:
     decoding, resizing and tokenizing; the processor is deterministic, so the sample is the same
     as long as the media files do not change during the run. Rows holding media in memory rather
     than as paths are not cached. Each entry holds its pixel patches, so memory grows with it.
-    0 (default) caches nothing.
+    0 (default) caches nothing. `cache`: a `SampleCache` to use instead, which other encoders
+    may share (it keys each sample by the encoder's `fingerprint` as well).
     """
 
     processor: object
@@ -350,23 +399,59 @@ class SampleEncoder:
     use_token_compression: bool = True
     add_system_prompt: bool = False
     cache_size: int = 0
-    _cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
+    cache: SampleCache | None = None
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.cache is None and self.cache_size:
+            self.cache = SampleCache(self.cache_size)
 
     def __call__(self, row: dict) -> EncodedSample:
-        if not self.cache_size:
+        if self.cache is None:
             return self.encode(row)
         try:
-            key = json.dumps({k: v for k, v in row.items() if k != INDEX_COLUMN}, sort_keys=True)
+            content = json.dumps({k: v for k, v in row.items() if k != INDEX_COLUMN}, sort_keys=True)
         except TypeError:  # in-memory media (PIL images, bytes, arrays) have no content key: not cached
             return self.encode(row)
-        cached = self._cache.get(key)
+        try:
+            kinds = {media.kind for media in to_conversation(row).media}
+        except SampleError:  # a malformed row: `encode` raises it
+            return self.encode(row)
+        key = (self.fingerprint, self.media_settings(kinds), content)
+        cached = self.cache.get(key)
         if cached is not None:
-            self._cache.move_to_end(key)
             return replace(cached, index=row_index(row))  # the row's own index, without rebuilding its messages
-        sample = self._cache[key] = self.encode(row)
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        sample = self.encode(row)
+        self.cache.put(key, sample)
         return sample
+
+    def media_settings(self, kinds: set[str]) -> tuple:
+        """The processor settings that decide how a row with media of `kinds` is encoded: all of
+        `processor_kwargs` but the image-only ones for a row without images and the video-only ones
+        for a row without videos, so stages that differ only in how images are merged share their
+        video and text samples (tested: a video-only row encodes alike at either image merge size)."""
+        left_out = (IMAGE_ONLY_KWARGS if "image" not in kinds else ()) + (VIDEO_ONLY_KWARGS if "video" not in kinds else ())
+        return tuple((k, v) for k, v in sorted(self.processor_kwargs().items()) if k not in left_out)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of everything besides the row and its `media_settings` that decides its encoded
+        sample: the other settings, the processor's and image processor's configs, the tokenizer's
+        vocabulary and merges, and the chat template. Rows that agree in all three encode alike."""
+        if self._fingerprint is None:
+            processor = self.processor
+            tokenizer = getattr(processor, "tokenizer", processor)
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            parts = {
+                "settings": [self.data_root, self.max_length, self.add_system_prompt],
+                "processor": _config_json(processor),
+                "image_processor": _config_json(getattr(processor, "image_processor", None)),
+                "tokenizer": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+                "special_tokens": [str(tokenizer.special_tokens_map), tokenizer.padding_side],
+                "chat_template": [getattr(processor, "chat_template", None), getattr(tokenizer, "chat_template", None)],
+            }
+            self._fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+        return self._fingerprint
 
     def encode(self, row: dict) -> EncodedSample:
         conversation = to_conversation(row)
@@ -526,8 +611,9 @@ class Videollama3DataCollator:
         logger.warning("skipping %s (%d skipped so far)", error, sum(self.skipped.values()))
 
 
-def build_collator(processor, config, dataset=None) -> Videollama3DataCollator:
-    """The collator a `Videollama3SFTConfig` describes."""
+def build_collator(processor, config, dataset=None, sample_cache: SampleCache | None = None) -> Videollama3DataCollator:
+    """The collator a `Videollama3SFTConfig` describes; `sample_cache` (shared with other
+    collators) replaces the cache of `config.encoded_sample_cache` samples it would make."""
     encoder = SampleEncoder(
         processor,
         data_root=config.data_root,
@@ -540,6 +626,7 @@ def build_collator(processor, config, dataset=None) -> Videollama3DataCollator:
         use_token_compression=config.use_token_compression,
         add_system_prompt=config.add_system_prompt,
         cache_size=config.encoded_sample_cache,
+        cache=sample_cache,
     )
     tokenizer = getattr(processor, "tokenizer", processor)
     return Videollama3DataCollator(

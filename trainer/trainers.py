@@ -99,12 +99,15 @@ class Videollama3Trainer(SFTTrainer):
             `trainer.data.load_records`.
         processing_class: the VideoLLaMA3 processor; loaded from the model's folder if None.
         peft_config: a PEFT config; built from `args.lora*` (see `trainer.lora`) when `args.lora`.
+        sample_cache: a `trainer.data.SampleCache` that the data collator encodes into instead of
+            its own (`args.encoded_sample_cache`), shared with other trainers of the process.
         **kwargs: passed to `SFTTrainer`.
     """
 
     stage: int | None = None
 
-    def __init__(self, model, args=None, train_dataset=None, processing_class=None, peft_config=None, **kwargs):
+    def __init__(self, model, args=None, train_dataset=None, processing_class=None, peft_config=None,
+                 sample_cache=None, **kwargs):
         if args is None:
             if self.stage is None:
                 raise ValueError("pass args=Videollama3SFTConfig(...)")
@@ -138,7 +141,7 @@ class Videollama3Trainer(SFTTrainer):
             counts = set_trainable_modules(model, args.trainable_modules)
             logger.info("trainable parameters per module: %s", counts)
         if "data_collator" not in kwargs or kwargs["data_collator"] is None:
-            kwargs["data_collator"] = build_collator(processing_class, args, train_dataset)
+            kwargs["data_collator"] = build_collator(processing_class, args, train_dataset, sample_cache)
         sft_logger, applied = logging.getLogger(SFTTrainer.__module__), _InitKwargsApplied()
         if loaded_here:
             sft_logger.addFilter(applied)
