@@ -82,20 +82,37 @@ VISION = dict(steps=1200, batch=16, lr=1e-3, background_weight=1.0, scene_weight
 FULL = {
     # 256 wide with 8 heads: on symbolic scenes it learns the lookups by step 800 (`scenes`), the
     # 128-wide LLM not in 1000. The scene steps take 4.5-7 minutes, hence 60 / 380 / 320 / 340 steps
-    # for stages 1-4. The whole recipe: 22.6-25.2 minutes on 2 cores in its last three runs (1353, 1402
-    # and 1510 s; scene step 338, 376 and 413 s; the curriculum written by two processes in the last,
-    # 40 s against 59 s); before `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8
+    # for stages 1-4. The whole recipe: 22.6-25.2 minutes on 2 cores in its last four runs (1353, 1402,
+    # 1510 and 1420 s; scene step 338, 376, 413 and 393 s; the curriculum written by two processes in
+    # the last two, 40-46 s against 59 s; in the last, one `SampleCache` shared by the stages and
+    # faster patch labels, the same weights: stage 4 255 s against 296 s, vision, stills, stage 1 and
+    # align 151 s against 191 s, peak RSS 4.1 GB against 2.9 GB); before `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8
     # minutes (1392-1487 s, scene step 377-431 s) in slow hours and about 18 minutes in fast ones: the
     # machine's speed varies by 30-40% hour to hour. Its steps are compute-bound: matrix products
     # are 62% of a scene step (about 110 GFLOP/s on these two AVX2 cores) and its rows only 1%
     # padding; a worker process encoding stage 3's batches (`--dataloader_num_workers
     # 1`) gave the same weights but no steady gain (79-89 s against 86 s for 100 steps: both cores
-    # are busy anyway).
+    # are busy anyway). Nor do two processes: stage 3's first 60 steps as 2-process gloo DDP (one
+    # thread and 8 rows each, `trainer/configs/ddp_cpu.yaml`) took 47.6 s against 49.2 s in one
+    # process of two threads, so the two cores give no more side by side than together.
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
     # three), which stage 2 then did not learn either (images 78.0% after stage 2, shape 61%);
     # seed 1 learns all three (`tools.scene_pretrain`).
+    # Off: `intermediate_size` 512 instead of 1024 (a full run, the rest unchanged): 1228 s, but
+    # mostly from the scene step (275 s); stages 2-4 took 193, 258 and 253 s, their steps not ruled
+    # by the LLM's MLPs. At scene step 800 colour, count and positions 100%, shape 89%. Both
+    # held-out sets: images 92.1% / 93.5%, video 80.8% / 79.2% ("when" 37 of 60); the demo 3 / 6
+    # (the image's triangle "top right", the clip's square a circle, its span "1.0-8.0 seconds");
+    # the demo clip's square named at 146 of 196 places, its span right at 53. Its stage-3
+    # checkpoint: images 96.1% / 96.8%, video 67.5% / 63.3% ("when" 21 of 60), the demo 5 / 6 (only
+    # the triangle), the square at 160 and the span at 192 of 196 places: stage 4 is what breaks
+    # the demo clip's span. Stage 4 variants from that checkpoint (both sets; the demo; square and
+    # span of 196): 200 steps 92.4% / 92.0% images, 71.7% / 75.0% video, 3 / 6, 148 and 162; no
+    # image rows 69.1% / 66.7%, 88.3% / 84.2% ("when" 53 of 60), 2 / 6, 151 and 114; half its
+    # learning rates 93.5% / 93.4%, 78.3% / 78.3%, 3 / 6, 143 and 21. With seed 2 (weights and
+    # scenes) shape was 63% at scene step 800 (19% among three shapes); stopped there.
     "model": dict(MODEL, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
                   init_seed=1),
     # Three question turns per image row; six (with fewer steps to keep the time) did worse.
@@ -502,7 +519,8 @@ def main(argv=None):
 
     # One cache of encoded samples for all stages: a row a later stage encodes alike (the same
     # settings for its media; stage 4 merges images 2x2, so only its videos and texts) is decoded
-    # once. It ends up holding every distinct encoding of the stages' rows (8600, about 3 GB).
+    # once. It ends up holding every distinct encoding of the stages' rows (8600; the recipe's peak
+    # RSS 4.1 GB against 2.9 GB with one cache per stage).
     from trainer.data import SampleCache
 
     sample_cache, previous, results = SampleCache(16384), base, {}
