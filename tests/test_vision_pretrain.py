@@ -35,6 +35,31 @@ def test_patch_labels_name_colour_shape_and_position():
     assert torch.allclose(position[2, 4], torch.tensor([0.4, 0.8]))
 
 
+def test_palette_index_and_block_counts_match_their_pixel_by_pixel_definition():
+    """Per pixel: 1 + the index of the palette colour it equals exactly, else 0 (near-palette pixels
+    included); per block: how many pixels of each colour, as a pixel loop counts them."""
+    rng = np.random.default_rng(0)
+    palette = np.array(list(curriculum.COLOURS.values()), dtype=np.uint8)  # (C, 3)
+    pixels = rng.integers(0, 256, (42, 70, 3), dtype=np.uint8)
+    painted = rng.random((42, 70)) < 0.5
+    pixels[painted] = palette[rng.integers(0, len(palette), painted.sum())]
+    near = rng.random((42, 70)) < 0.1  # one channel off by one: not a palette colour
+    pixels[near, 1] ^= 1
+    index = vision_pretrain.palette_index(pixels)
+    expected = np.zeros((42, 70), dtype=np.int64)
+    for r in range(42):
+        for c in range(70):
+            hits = [i for i, colour in enumerate(palette) if (pixels[r, c] == colour).all()]
+            expected[r, c] = hits[0] + 1 if hits else 0
+    assert np.array_equal(index, expected) and 0 < (index > 0).mean() < 1
+    counts = vision_pretrain.block_counts(index, 14)  # (3 x 5 blocks, C)
+    assert counts.shape == (15, len(palette)) and counts.dtype == np.float64
+    for block in range(15):
+        r, c = divmod(block, 5)
+        patch = index[14 * r:14 * r + 14, 14 * c:14 * c + 14]
+        assert counts[block].tolist() == [float((patch == i + 1).sum()) for i in range(len(palette))]
+
+
 def test_object_loss_pools_each_shape_of_each_image():
     head = vision_pretrain.PatchHead(8)
     labels = vision_pretrain.patch_labels(scene(), {"red": "square", "blue": "circle", "green": "triangle"}, patch=14)
