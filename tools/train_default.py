@@ -111,7 +111,9 @@ FULL = {
     # the demo clip's span. Stage 4 variants from that checkpoint (both sets; the demo; square and
     # span of 196): 200 steps 92.4% / 92.0% images, 71.7% / 75.0% video, 3 / 6, 148 and 162; no
     # image rows 69.1% / 66.7%, 88.3% / 84.2% ("when" 53 of 60), 2 / 6, 151 and 114; half its
-    # learning rates 93.5% / 93.4%, 78.3% / 78.3%, 3 / 6, 143 and 21. With seed 2 (weights and
+    # learning rates 93.5% / 93.4%, 78.3% / 78.3%, 3 / 6, 143 and 21; image rows at 1 90.7% /
+    # 92.6%, 85.0% / 86.7% ("when" 51 of 60), 3 / 6, 143 and 24: held-out spans and the demo
+    # clip's span do not go together, the clip's end given as its last stamp. With seed 2 (weights and
     # scenes) shape was 63% at scene step 800 (19% among three shapes); stopped there.
     "model": dict(MODEL, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
                   init_seed=1),
