@@ -71,19 +71,21 @@ class PatchLabels:
     position: torch.Tensor | None  # (N, 2) row and column in [0, 1]; None: not trained (merged blocks)
 
 
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """`(..., 3)` integer RGB as `(...)` int64 `r << 16 | g << 8 | b`."""
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+PACKED_PALETTE = pack_rgb(np.array(list(COLOURS.values())))  # (C,) in `COLOURS` order
+
+
 def palette_index(pixels: np.ndarray) -> np.ndarray:
     """`(H, W)` int: per pixel 1 + its colour's index in `COLOURS` where it is exactly a palette
     colour (a shape), 0 elsewhere (background)."""
-    palette = np.array([COLOURS[c] for c in COLOURS], dtype=np.int64)  # (C, 3)
     # Each RGB triple packed into one integer: one comparison per colour instead of three.
-    packed = pack_rgb(pixels.astype(np.int64))  # (H, W)
-    match = packed[:, :, None] == pack_rgb(palette)[None, None]  # (H, W, C)
+    match = pack_rgb(pixels)[:, :, None] == PACKED_PALETTE[None, None]  # (H, W, C)
     return np.where(match.any(-1), match.argmax(-1) + 1, 0)  # (H, W)
-
-
-def pack_rgb(rgb: np.ndarray) -> np.ndarray:
-    """`(..., 3)` integer RGB as `(...)` integers `r << 16 | g << 8 | b`."""
-    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
 def block_counts(index: np.ndarray, side: int) -> np.ndarray:

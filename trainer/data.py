@@ -360,10 +360,8 @@ class SampleCache:
             self._samples.popitem(last=False)
 
 
-def _config_json(processor) -> str | None:
-    """A processor's saved config as JSON (None for none); `repr` where it cannot serialise itself."""
-    if processor is None:
-        return None
+def _config_json(processor) -> str:
+    """A processor's saved config as JSON; `repr` where it cannot serialise itself."""
     try:
         return processor.to_json_string()
     except (TypeError, ValueError, AttributeError):
@@ -413,15 +411,12 @@ class SampleEncoder:
             content = json.dumps({k: v for k, v in row.items() if k != INDEX_COLUMN}, sort_keys=True)
         except TypeError:  # in-memory media (PIL images, bytes, arrays) have no content key: not cached
             return self.encode(row)
-        try:
-            kinds = {media.kind for media in to_conversation(row).media}
-        except SampleError:  # a malformed row: `encode` raises it
-            return self.encode(row)
-        key = (self.fingerprint, self.media_settings(kinds), content)
+        conversation = to_conversation(row)
+        key = (self.fingerprint, self.media_settings({media.kind for media in conversation.media}), content)
         cached = self.cache.get(key)
         if cached is not None:
-            return replace(cached, index=row_index(row))  # the row's own index, without rebuilding its messages
-        sample = self.encode(row)
+            return replace(cached, index=conversation.index)
+        sample = self.encode(row, conversation)
         self.cache.put(key, sample)
         return sample
 
@@ -436,7 +431,7 @@ class SampleEncoder:
     @property
     def fingerprint(self) -> str:
         """A digest of everything besides the row and its `media_settings` that decides its encoded
-        sample: the other settings, the processor's and image processor's configs, the tokenizer's
+        sample: the other settings, the processor's config (with its image processor's), the tokenizer's
         vocabulary and merges, and the chat template. Rows that agree in all three encode alike."""
         if self._fingerprint is None:
             processor = self.processor
@@ -444,8 +439,7 @@ class SampleEncoder:
             backend = getattr(tokenizer, "backend_tokenizer", None)
             parts = {
                 "settings": [self.data_root, self.max_length, self.add_system_prompt],
-                "processor": _config_json(processor),
-                "image_processor": _config_json(getattr(processor, "image_processor", None)),
+                "processor": _config_json(processor),  # its image processor's config included
                 "tokenizer": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
                 "special_tokens": [str(tokenizer.special_tokens_map), tokenizer.padding_side],
                 "chat_template": [getattr(processor, "chat_template", None), getattr(tokenizer, "chat_template", None)],
@@ -453,8 +447,9 @@ class SampleEncoder:
             self._fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
         return self._fingerprint
 
-    def encode(self, row: dict) -> EncodedSample:
-        conversation = to_conversation(row)
+    def encode(self, row: dict, conversation: Conversation | None = None) -> EncodedSample:
+        """`row` encoded; `conversation`: its `to_conversation`, when the caller already has it."""
+        conversation = to_conversation(row) if conversation is None else conversation
         messages = processor_messages(conversation, self.data_root)
         try:
             out = self.processor.apply_chat_template(
