@@ -2,9 +2,8 @@
 
 The expected answers are the bundled examples' ground truth (`examples/media/examples.json`, made
 with the curriculum's drawing code), not recordings of the model, graded as the demo and the
-held-out evaluation grade them (exact text; a time span when both ends are within 1 s). The
-questions the model still answers wrongly (issue on the embedded default) are strict expected
-failures, so this test says so the day they start passing.
+held-out evaluation grade them (exact text; a time span when both ends are within 1 s). Every
+bundled question must be answered right: the README's first command shows these answers.
 """
 
 import importlib.util
@@ -24,10 +23,8 @@ def load_demo():
 
 
 DEMO = load_demo()
-WRONG = {"What appears in the video?"}  # answered "a green circle"
 CASES = [
-    pytest.param(kind, entry[kind], question, question_kind, expected, id=f"{kind}: {question}",
-                 marks=[pytest.mark.xfail(strict=True, reason="not yet right")] if question in WRONG else [])
+    pytest.param(kind, entry[kind], question, question_kind, expected, id=f"{kind}: {question}")
     for entry in DEMO.bundled_examples()
     for kind in ("image", "video") if kind in entry
     for question, question_kind, expected in zip(entry["questions"], entry["kinds"], entry["answers"])

@@ -79,15 +79,17 @@ VISION = dict(steps=1200, batch=16, lr=1e-3, background_weight=1.0, scene_weight
 # coarsely. A run "chained from the recipe's" step started from that step of the recipe of its
 # day: before `stills` and `video_appear` were on, unless its comment says otherwise. "The 777 set":
 # `python -m tools.evaluate_default --images 0 --videos 240 --seed 777` (480 video questions), a
-# larger measure of video answers than the held-out sets' 120.
+# larger measure of video answers than the held-out sets' 120. Runs compared with "the recipe" below
+# ran before stage 4's seed was chosen (see stage 4), so they compare with its seed 0.
 FULL = {
     # 256 wide with 8 heads: on symbolic scenes it learns the lookups by step 800 (`scenes`), the
     # 128-wide LLM not in 1000. The scene steps take 4.5-7 minutes, hence 60 / 380 / 320 / 340 steps
-    # for stages 1-4. The whole recipe: 22.6-25.2 minutes on 2 cores in its last four runs (1353, 1402,
-    # 1510 and 1420 s; scene step 338, 376, 413 and 393 s; the curriculum written by two processes in
-    # the last two, 40-46 s against 59 s; in the last, one `SampleCache` shared by the stages and
-    # faster patch labels, the same weights: stage 4 255 s against 296 s, vision, stills, stage 1 and
-    # align 151 s against 191 s, peak RSS 4.1 GB against 2.9 GB); before `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8
+    # for stages 1-4. The whole recipe: 22.6-25.2 minutes on 2 cores in its last five runs (1353, 1402,
+    # 1510, 1420 and 1403 s; scene step 338, 376, 413, 393 and 379 s; the curriculum written by two
+    # processes in the last three, 36-46 s against 59 s; in the last two, one `SampleCache` shared by
+    # the stages and faster patch labels, the same weights: stage 4 253-255 s against 296 s, vision,
+    # stills, stage 1 and align 150-151 s against 191 s, peak RSS 4.0-4.1 GB against 2.9 GB); before
+    # `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8
     # minutes (1392-1487 s, scene step 377-431 s) in slow hours and about 18 minutes in fast ones: the
     # machine's speed varies by 30-40% hour to hour. Its steps are compute-bound: matrix products
     # are 62% of a scene step (about 110 GFLOP/s on these two AVX2 cores) and its rows only 1%
