@@ -129,7 +129,8 @@ FULL = {
     # 158 and 134; seed 2 90.9% / 92.1%, 81.7% / 82.5%, 3 / 6, 160 and 33; seed 4 91.1% / 91.2%,
     # 80.0% / 83.3%, 5 / 6, 142 and 171; seed 5 93.0% / 93.0%, 77.5% / 83.3%, 3 / 6, 147 and 167;
     # seed 6 92.3% / 93.1%, 80.8% / 85.8%, 3 / 6, 168 and 172. The bundled square was a circle at six
-    # of the seven seeds and the image's triangle "top right" at five.
+    # of the seven seeds and the image's triangle "top right" at five. Stage 4's `video_appear` rows
+    # at 3 (seed 3): 91.1% / 91.8%, 83.3% / 85.8%, 5 / 6 (the triangle), 163 and 109.
     "model": dict(MODEL, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
                   init_seed=1),
     # Three question turns per image row; six (with fewer steps to keep the time) did worse.
