@@ -25,6 +25,7 @@ import os
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import datasets
@@ -398,7 +399,6 @@ class SampleEncoder:
     add_system_prompt: bool = False
     cache_size: int = 0
     cache: SampleCache | None = None
-    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.cache is None and self.cache_size:
@@ -428,24 +428,22 @@ class SampleEncoder:
         left_out = (IMAGE_ONLY_KWARGS if "image" not in kinds else ()) + (VIDEO_ONLY_KWARGS if "video" not in kinds else ())
         return tuple((k, v) for k, v in sorted(self.processor_kwargs().items()) if k not in left_out)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """A digest of everything besides the row and its `media_settings` that decides its encoded
         sample: the other settings, the processor's config (with its image processor's), the tokenizer's
         vocabulary and merges, and the chat template. Rows that agree in all three encode alike."""
-        if self._fingerprint is None:
-            processor = self.processor
-            tokenizer = getattr(processor, "tokenizer", processor)
-            backend = getattr(tokenizer, "backend_tokenizer", None)
-            parts = {
-                "settings": [self.data_root, self.max_length, self.add_system_prompt],
-                "processor": _config_json(processor),  # its image processor's config included
-                "tokenizer": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
-                "special_tokens": [str(tokenizer.special_tokens_map), tokenizer.padding_side],
-                "chat_template": [getattr(processor, "chat_template", None), getattr(tokenizer, "chat_template", None)],
-            }
-            self._fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-        return self._fingerprint
+        processor = self.processor
+        tokenizer = getattr(processor, "tokenizer", processor)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        parts = {
+            "settings": [self.data_root, self.max_length, self.add_system_prompt],
+            "processor": _config_json(processor),  # its image processor's config included
+            "tokenizer": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+            "special_tokens": [str(tokenizer.special_tokens_map), tokenizer.padding_side],
+            "chat_template": [getattr(processor, "chat_template", None), getattr(tokenizer, "chat_template", None)],
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def encode(self, row: dict, conversation: Conversation | None = None) -> EncodedSample:
         """`row` encoded; `conversation`: its `to_conversation`, when the caller already has it."""
