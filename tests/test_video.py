@@ -59,13 +59,16 @@ def test_bytes_and_file_objects_equal_the_path(videos, kind):
     assert np.array_equal(clip.frames, IP.load_video(path).frames)
 
 
-def full_decode(path, timestamps, height, width, interpolation):
-    """Reference: decode every frame, convert the ones at `timestamps`."""
+def full_decode(path, timestamps, height, width, interpolation, thread_type=None):
+    """Reference: decode every frame (with PyAV's default threads, or `thread_type`), convert the
+    ones at `timestamps`."""
     import av
 
     picked = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
+        if thread_type:
+            stream.thread_type = thread_type
         for frame in container.decode(stream):
             if round(frame.time, 6) in timestamps:
                 picked.append(frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=interpolation))
@@ -86,6 +89,18 @@ def test_skipping_non_reference_frames_is_exact(tmp_path):
     assert any(clip._pts.count(p) for p in skipped), "some picked frames should be non-reference ones"
     for height, width, interpolation in [(56, 84, "BICUBIC"), (28, 42, "AREA")]:
         assert np.array_equal(clip.frames_at(height, width), full_decode(path, clip.timestamps, height, width, interpolation))
+
+
+@pytest.mark.parametrize("height, width", [(56, 84), (252, 336)])
+def test_one_or_many_decoder_threads_give_the_same_frames(tmp_path, height, width):
+    # Pictures under SINGLE_THREAD_PIXELS decode on one thread, larger ones threaded: one case each.
+    assert (height * width < IP.SINGLE_THREAD_PIXELS) == (width == 84)
+    path = media.write_video(tmp_path / "clip.mp4", seconds=2, fps=30, height=height, width=width, static_seconds=1,
+                             options={"preset": "veryfast", "crf": "30"})
+    clip = IP.load_video(path, fps=4)
+    for thread_type in ("NONE", "FRAME"):
+        reference = full_decode(path, clip.timestamps, height, width, "BICUBIC", thread_type)
+        assert np.array_equal(clip.frames_at(height, width), reference)
 
 
 def test_fps_four_keeps_fractional_timestamps(tmp_path):
