@@ -84,11 +84,13 @@ VISION = dict(steps=1200, batch=16, lr=1e-3, background_weight=1.0, scene_weight
 FULL = {
     # 256 wide with 8 heads: on symbolic scenes it learns the lookups by step 800 (`scenes`), the
     # 128-wide LLM not in 1000. The scene steps take 4.5-7 minutes, hence 60 / 380 / 320 / 340 steps
-    # for stages 1-4. The whole recipe: 22.6-25.2 minutes on 2 cores in its last five runs (1353, 1402,
-    # 1510, 1420 and 1403 s; scene step 338, 376, 413, 393 and 379 s; the curriculum written by two
-    # processes in the last three, 36-46 s against 59 s; in the last two, one `SampleCache` shared by
-    # the stages and faster patch labels, the same weights: stage 4 253-255 s against 296 s, vision,
-    # stills, stage 1 and align 150-151 s against 191 s, peak RSS 4.0-4.1 GB against 2.9 GB); before
+    # for stages 1-4. The whole recipe: 22.6-25.2 minutes on 2 cores in its last six runs (1353, 1402,
+    # 1510, 1420, 1403 and 1492 s; scene step 338, 376, 413, 393, 379 and 392 s; the curriculum written
+    # by two processes in the last four, 36-46 s against 59 s; in the last three, one `SampleCache`
+    # shared by the stages and faster patch labels, the same weights: stage 4 253-280 s against 296 s,
+    # vision, stills, stage 1 and align 150-180 s against 191 s, peak RSS 4.0-4.1 GB against 2.9 GB; in
+    # the last, small clips decoded on one thread, the same weights: stage 3 295 s against 310 s, in
+    # an hour when stage 2 took 239 s against 219 s); before
     # `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8
     # minutes (1392-1487 s, scene step 377-431 s) in slow hours and about 18 minutes in fast ones: the
     # machine's speed varies by 30-40% hour to hour. Its steps are compute-bound: matrix products
@@ -97,7 +99,10 @@ FULL = {
     # 1`) gave the same weights but no steady gain (79-89 s against 86 s for 100 steps: both cores
     # are busy anyway). Nor do two processes: stage 3's first 60 steps as 2-process gloo DDP (one
     # thread and 8 rows each, `trainer/configs/ddp_cpu.yaml`) took 47.6 s against 49.2 s in one
-    # process of two threads, so the two cores give no more side by side than together.
+    # process of two threads, so the two cores give no more side by side than together. The matrix
+    # products are MKL's: on this machine (AMD Zen 3) oneDNN's fp32 linear ran the scene step's
+    # largest product (1700 x 256 by 256 x 1024) at 136 GFLOP/s against MKL's 102, but torch sends
+    # fp32 training products to MKL with no public switch, so that is not used.
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
@@ -278,6 +283,12 @@ FULL = {
     2: dict(data={"caption": 1, "image": 2}, steps=380, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
     3: dict(data={"image": 1, "video": 1, "video_appear": 1, "text": 1}, steps=320, batch=16,
             lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
+    # Stage 3 is where the spans are learnt; shortening it to save time costs them (chained from this
+    # recipe's stage 2, stage 4 at seed 3; both held-out sets; the demo clip's square named / span
+    # right of 196). 160 steps (about 155 s less): images 91.9% / 91.6%, video 73.3% / 70.8% ("when"
+    # 17 of 32 and 16 of 28, against 25 of 32), the demo 6 / 6, 161 / 168. 80 steps with stage 4 at 400:
+    # images 91.8% / 91.6%, video 79.2% / 76.7% ("when" 20 of 32, 17 of 28), the demo 5 / 6 (the
+    # image's triangle "top right"), 156 / 190.
     # Stage 4's seed (the trainer's: the order it draws the mixture's rows in) was chosen among 0-3
     # by the bundled demo, each run chained from this recipe's stage 3, with the held-out sets, the
     # demo and the demo clip's sweep (`tools.demo_sweep --step 4`: square named / span right of 196):
