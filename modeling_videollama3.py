@@ -45,8 +45,9 @@ class VisionAttentionPlan:
     """How the N patches of one vision forward split into independent attention sequences.
 
     Every image and every video frame attends only to itself (AVT). Consecutive frames of one size
-    are batched: `chunks` holds `(first_patch, frames, patches_per_frame)`. `cu_seqlens` and
-    `max_seqlen` describe the same frames for a single varlen flash-attention call.
+    are batched, within an item or across items (a training batch of same-size images is one call
+    per layer, not one per image): `chunks` holds `(first_patch, frames, patches_per_frame)`.
+    `cu_seqlens` and `max_seqlen` describe the same frames for a single varlen flash-attention call.
     """
 
     chunks: list[tuple[int, int, int]]
@@ -55,15 +56,17 @@ class VisionAttentionPlan:
 
     @classmethod
     def from_grids(cls, grids: list[tuple[int, int, int]], num_heads: int, device) -> "VisionAttentionPlan":
-        chunks, lengths, start = [], [], 0
-        for t, h, w in grids:
-            length = h * w
+        lengths = [h * w for t, h, w in grids for _ in range(t)]  # patches of each frame, in order
+        chunks, start, frame = [], 0, 0
+        while frame < len(lengths):
+            length = lengths[frame]
             frames_per_call = max(1, ATTENTION_CHUNK_SCORES // (num_heads * length * length))
-            for first in range(0, t, frames_per_call):
-                frames = min(frames_per_call, t - first)
-                chunks.append((start, frames, length))
-                start += frames * length
-            lengths += [length] * t
+            frames = 1
+            while frames < frames_per_call and frame + frames < len(lengths) and lengths[frame + frames] == length:
+                frames += 1
+            chunks.append((start, frames, length))
+            start += frames * length
+            frame += frames
         cu_seqlens = F.pad(torch.tensor(lengths, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
         return cls(chunks, cu_seqlens, max(lengths))
 

@@ -210,15 +210,16 @@ def test_cpu_inference_in_frame_groups_equals_one_pass(tok, monkeypatch):
 
 
 def test_vision_training_over_many_chunks_matches_each_image_alone(tok):
-    """Images of five sizes are five attention chunks in one training forward (pieces by split,
-    outputs by cat): outputs and pixel gradients are those of each image encoded on its own."""
+    """Items of five sizes in one training forward (pieces by split, outputs by cat), frames of one
+    length sharing a chunk across items (a 4x6 and a 6x4 image; a 2x8 image and a video's 4x4
+    frames): outputs and pixel gradients are those of each item encoded on its own."""
     torch.manual_seed(21)
     encoder = M.Videollama3Qwen2ForCausalLM(tiny_config(tok)).model.vision_encoder.train()
     items = [image(2, 2), image(4, 6), image(6, 4), image(2, 8), video(3, 4, 4)]
     inputs = our_inputs(tok, [(items, "x")], tok.convert_tokens_to_ids("<image>"))
     grids, merges = inputs["grid_sizes"], inputs["merge_sizes"]
     plan = M.VisionAttentionPlan.from_grids([tuple(g) for g in grids.tolist()], 2, "cpu")
-    assert len(plan.chunks) == len(items)
+    assert [(frames, length) for _, frames, length in plan.chunks] == [(1, 4), (2, 24), (4, 16)]
 
     def pixel_gradient(pixels, grid, merge):
         pixels = pixels.clone().requires_grad_(True)
