@@ -84,13 +84,16 @@ VISION = dict(steps=1200, batch=16, lr=1e-3, background_weight=1.0, scene_weight
 FULL = {
     # 256 wide with 8 heads: on symbolic scenes it learns the lookups by step 800 (`scenes`), the
     # 128-wide LLM not in 1000. The scene steps take 4.5-7 minutes, hence 60 / 380 / 320 / 340 steps
-    # for stages 1-4. The whole recipe: 22.6-25.2 minutes on 2 cores in its last six runs (1353, 1402,
-    # 1510, 1420, 1403 and 1492 s; scene step 338, 376, 413, 393, 379 and 392 s; the curriculum written
-    # by two processes in the last four, 36-46 s against 59 s; in the last three, one `SampleCache`
-    # shared by the stages and faster patch labels, the same weights: stage 4 253-280 s against 296 s,
+    # for stages 1-4. The whole recipe: 22.6-25.2 minutes on 2 cores in its last seven runs (1353, 1402,
+    # 1510, 1420, 1403, 1492 and 1420 s; scene step 338, 376, 413, 393, 379, 392 and 444 s; the
+    # curriculum written by two processes in the last five, 36-46 s against 59 s; in the last four, one
+    # `SampleCache` shared by the stages and faster patch labels: stage 4 253-280 s against 296 s,
     # vision, stills, stage 1 and align 150-180 s against 191 s, peak RSS 4.0-4.1 GB against 2.9 GB; in
-    # the last, small clips decoded on one thread, the same weights: stage 3 295 s against 310 s, in
-    # an hour when stage 2 took 239 s against 219 s); before
+    # the last two, small clips decoded on one thread: stage 3 295 and 275 s against 310 s, in hours
+    # when stage 2 took 239 and 224 s against 219 s; in the last, same-size images in one attention
+    # call per layer: vision, stills, stage 1 and align 115 s. Each of these left the weights bit for
+    # bit alike. Without the scene step the last run took 976 s, against 1024 and 1100 s for the two
+    # before it); before
     # `stills` and `video_appear` (together about 2.5 minutes) 23.2-24.8
     # minutes (1392-1487 s, scene step 377-431 s) in slow hours and about 18 minutes in fast ones: the
     # machine's speed varies by 30-40% hour to hour. Its steps are compute-bound: matrix products
