@@ -56,17 +56,20 @@ class VisionAttentionPlan:
 
     @classmethod
     def from_grids(cls, grids: list[tuple[int, int, int]], num_heads: int, device) -> "VisionAttentionPlan":
-        lengths = [h * w for t, h, w in grids for _ in range(t)]  # patches of each frame, in order
-        chunks, start, frame = [], 0, 0
-        while frame < len(lengths):
-            length = lengths[frame]
+        runs, lengths = [], []  # runs: [patches per frame, frames] of consecutive frames of one size
+        for t, h, w in grids:
+            if runs and runs[-1][0] == h * w:
+                runs[-1][1] += t
+            else:
+                runs.append([h * w, t])
+            lengths += [h * w] * t
+        chunks, start = [], 0
+        for length, count in runs:
             frames_per_call = max(1, ATTENTION_CHUNK_SCORES // (num_heads * length * length))
-            frames = 1
-            while frames < frames_per_call and frame + frames < len(lengths) and lengths[frame + frames] == length:
-                frames += 1
-            chunks.append((start, frames, length))
-            start += frames * length
-            frame += frames
+            for first in range(0, count, frames_per_call):
+                frames = min(frames_per_call, count - first)
+                chunks.append((start, frames, length))
+                start += frames * length
         cu_seqlens = F.pad(torch.tensor(lengths, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
         return cls(chunks, cu_seqlens, max(lengths))
 
