@@ -105,7 +105,18 @@ FULL = {
     # process of two threads, so the two cores give no more side by side than together. The matrix
     # products are MKL's: on this machine (AMD Zen 3) oneDNN's fp32 linear ran the scene step's
     # largest product (1700 x 256 by 256 x 1024) at 136 GFLOP/s against MKL's 102, but torch sends
-    # fp32 training products to MKL with no public switch, so that is not used.
+    # fp32 training products to MKL with no public switch, so that is not used. Measured again on
+    # the step's four product shapes, each as forward, input and weight gradient, oneDNN was slower
+    # overall (0.087 s against MKL's 0.072 s for the twelve; faster in two forwards only); MKL's
+    # forward with the weight transposed in memory first (an NN product instead of NT:
+    # bit-identical) ran 3-55% faster alone but 3% slower in real steps (0.489 s against 0.475 s, two copies of the model stepped in turn).
+    # Nor is there idle time to fill: vision pretraining runs as fast on one thread as on two (150
+    # steps 14.2 s against 15.0 s; weights then differ by 1e-6, so it keeps two), but as a niced
+    # background process beside the scene step (two threads, identical weights) it got almost no
+    # time (148 s against 49 s alone, 100 s of it alongside); the curriculum rendered by niced
+    # workers beside the scene step wrote the same files in 143 s (34 s alone) and slowed the scene
+    # steps by 14% (0.51 s against 0.45 s); a niced data-loader worker in stage 3 (100 steps, cold
+    # cache) took 80 and 86 s against 82 and 93 s, but cannot fill the cache the stages share.
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
@@ -171,7 +182,8 @@ FULL = {
     # (seed 1) colour 100%, shape 99% and positions 72% of 300 held-out scenes (at step 690: 100%,
     # 96%, 70%).
     # The escape is fragile: dropping the attention mask (rows are right-padded; the same first loss,
-    # 0.42 s a step against 0.53 s) changed only float rounding, and at step 800 shape was 60%
+    # 0.42 s a step against 0.53 s in runs one after the other; 0.532 s against 0.559 s, 5%, with
+    # two copies stepped in turn) changed only float rounding, and at step 800 shape was 60%
     # (among three shapes 27%), so the step keeps sdpa's masked call.
     # Not adopted: 650 steps (the rest of the recipe unchanged; 1269 s in all, the scene step 291 s, in
     # a faster hour than the 1510 s run). At step 650 colour 100%, shape 97%, positions 70%, count
@@ -291,7 +303,9 @@ FULL = {
     # right of 196). 160 steps (about 155 s less): images 91.9% / 91.6%, video 73.3% / 70.8% ("when"
     # 17 of 32 and 16 of 28, against 25 of 32), the demo 6 / 6, 161 / 168. 80 steps with stage 4 at 400:
     # images 91.8% / 91.6%, video 79.2% / 76.7% ("when" 20 of 32, 17 of 28), the demo 5 / 6 (the
-    # image's triangle "top right"), 156 / 190.
+    # image's triangle "top right"), 156 / 190. 200 steps (about 100 s less): images 90.8% / 90.2%,
+    # video 75.8% / 71.7% ("when" 18 of 32 and 18 of 28), the demo 5 / 6 (the clip's square a
+    # circle), 144 / 145.
     # Stage 4's seed (the trainer's: the order it draws the mixture's rows in) was chosen among 0-3
     # by the bundled demo, each run chained from this recipe's stage 3, with the held-out sets, the
     # demo and the demo clip's sweep (`tools.demo_sweep --step 4`: square named / span right of 196):
