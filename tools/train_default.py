@@ -433,9 +433,8 @@ def write_lm_rows(data_dir: Path) -> Path:
 
 
 def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path, plan: dict, threads: int,
-              device: str = "cpu", sample_cache=None):
-    """One `python -m trainer` run, in-process, on `device` ("cpu" or "cuda"); `sample_cache` (a
-    `trainer.data.SampleCache`) is shared with the recipe's other stages."""
+              device: str = "cpu"):
+    """One `python -m trainer` run, in-process, on `device` ("cpu" or "cuda")."""
     from trainer.cli import main as trainer_main
 
     lr = plan["lr"]
@@ -447,14 +446,22 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
         "--warmup_steps", str(max(1, plan["steps"] // 20)), "--weight_decay", "0.0", "--max_grad_norm", "1.0",
         "--logging_steps", "25", "--save_strategy", "no", "--report_to", "none",
         "--seed", str(plan.get("seed", SEED)),  # the order the stage draws its rows in
-        "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        "--disable_tqdm", "true",
+        # Rows encoded in one worker process at the lowest priority, kept for the whole stage: the
+        # training's two threads leave a core idle now and then (single-threaded stretches of a
+        # step), and the worker encodes in that time instead of the main process between steps.
+        # Stage 3 alone (320 steps, from the recipe's stage 2, cache cold either way): 207 and 217 s
+        # against 243 and 251 s in the main process, run in alternating order, the same weights. At
+        # normal priority and restarted each epoch it gained nothing (79-89 s against 86 s for 100
+        # steps): it then took the cores from the training's threads.
+        "--dataloader_num_workers", "1", "--dataloader_persistent_workers", "true",
+        "--dataloader_worker_niceness", "19",
         # Packed rows (the trainer's default): each sample attends on its own (`videollama3_packed_sdpa`)
         # and no step computes padding; 40 stage-3 steps took 30 s against 43 s padded, with losses
         # equal to 1e-7 (only the float rounding differs).
         "--multimodal_packing", "true", "--lr_scheduler_type", plan.get("scheduler", "cosine"),
-        # Every row of a stage's mixture kept encoded (the mixtures repeat rows and the stages run
-        # 1-1.4 epochs): the same samples without decoding them again. The recipe passes one
-        # `sample_cache` to all its stages instead, which this size then does not apply to.
+        # Every row of a stage's mixture kept encoded in its worker (the mixtures repeat rows and the
+        # stages run 1-1.4 epochs): the same samples without decoding them again.
         "--encoded_sample_cache", "8192",
     ]
     if stage == "pretrain":
@@ -469,7 +476,7 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
     if "trainable" in plan:  # the modules that train, instead of the stage preset's
         argv += ["--trainable_modules", *plan["trainable"]]
     torch.set_num_threads(threads)
-    trainer = trainer_main(argv, sample_cache=sample_cache)
+    trainer = trainer_main(argv)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses
 
@@ -574,13 +581,11 @@ def main(argv=None):
     copy_remote_code(base)
     timings["data+tokenizer"] = time.time() - start
 
-    # One cache of encoded samples for all stages: a row a later stage encodes alike (the same
-    # settings for its media; stage 4 merges images 2x2, so only its videos and texts) is decoded
-    # once. It ends up holding every distinct encoding of the stages' rows (8600; the recipe's peak
-    # RSS 4.1 GB against 2.9 GB with one cache per stage).
-    from trainer.data import SampleCache
-
-    sample_cache, previous, results = SampleCache(16384), base, {}
+    # Each stage encodes its rows in a worker of its own (`run_stage`), so the stages share no
+    # cache of encoded samples: one `trainer.data.SampleCache` for all of them, in this process,
+    # spared stage 4 re-encoding stage 3's clips (stage 4 253-280 s against 296 s), but the encoding
+    # then ran between the steps instead of beside them.
+    previous, results = base, {}
     for stage in ("scenes", "positions", "pretrain", "vision", "stills", "balance", 1, "align", 2, 3, 4):
         if 0 in (plan[stage].get("steps"), plan[stage].get("images")):  # a step switched off in the plan
             continue
@@ -593,8 +598,7 @@ def main(argv=None):
                                                    args.device)
         else:
             mix = write_mix(data_dir, f"{stage}.jsonl", plan[stage]["data"], seed=SEED)
-            results[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads, args.device,
-                                       sample_cache)
+            results[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads, args.device)
         previous = stage_dir
         timings[f"stage {stage}"] = time.time() - t0
         logger.info("stage %s done in %.0f s; %s", stage, timings[f"stage {stage}"], describe(results[stage]))

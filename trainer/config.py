@@ -43,6 +43,11 @@ class Videollama3SFTConfig(SFTConfig):
         encoded_sample_cache: encoded samples kept in memory, keyed by row content, so rows seen
             again skip media decoding and tokenizing (`SampleEncoder.cache_size`; 0: none). For
             small datasets trained over several epochs or mixtures with copies; memory grows with it.
+            With data-loader workers each worker keeps its own.
+        dataloader_worker_niceness: added to each data-loader worker's niceness (`os.nice`), so
+            that when the training's threads fill the CPU cores, samples are encoded in the time
+            they leave idle instead of taking it from them (CPU training; needs
+            `dataloader_num_workers` >= 1; 0 leaves the workers as they are).
         multimodal_packing: concatenate the samples of a device batch into one row, with
             `position_ids` restarting per sample and no padding (TRL's own `packing` and
             `padding_free` refuse vision data and stay off).
@@ -71,6 +76,9 @@ class Videollama3SFTConfig(SFTConfig):
     add_system_prompt: bool = field(default=False, metadata={"help": "Prepend the official system prompt."})
     multimodal_packing: bool = field(default=False, metadata={"help": "Padding-free packing of each device batch."})
     encoded_sample_cache: int = field(default=0, metadata={"help": "Encoded samples kept in memory (0: none)."})
+    dataloader_worker_niceness: int = field(
+        default=0, metadata={"help": "Niceness added to data-loader workers, so they use idle CPU time (0: none)."}
+    )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -100,6 +108,12 @@ class Videollama3SFTConfig(SFTConfig):
             raise ValueError(f"stage must be 1, 2, 3 or 4, got {self.stage!r}")
         if int(self.encoded_sample_cache) < 0:
             raise ValueError(f"encoded_sample_cache must be >= 0, got {self.encoded_sample_cache!r}")
+        if int(self.dataloader_worker_niceness) < 0:
+            raise ValueError(f"dataloader_worker_niceness must be >= 0 (a process may only lower its own priority), "
+                             f"got {self.dataloader_worker_niceness!r}")
+        if self.dataloader_worker_niceness and self.dataloader_num_workers < 1:
+            raise ValueError(f"dataloader_worker_niceness={self.dataloader_worker_niceness} applies to data-loader "
+                             f"workers, but dataloader_num_workers={self.dataloader_num_workers}: set it to 1 or more")
         for name in ("image_merge_size", "video_merge_size", "max_frames", "max_visual_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")

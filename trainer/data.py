@@ -30,6 +30,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from torch.utils.data import get_worker_info
 
 logger = logging.getLogger(__name__)
 
@@ -564,6 +565,9 @@ class Videollama3DataCollator:
     Under `media_error_policy="skip"`, a sample that cannot be used (media that fail to decode, too
     long) is counted in `skipped`, logged, and replaced by the next usable row of `dataset` so the
     batch keeps its size; under `fail` the `SampleError` (index and path) propagates.
+
+    `worker_niceness`: called in a data-loader worker, the collator first adds this to the
+    worker's niceness (once per process), so encoding yields the CPU to the training's threads.
     """
 
     encoder: SampleEncoder
@@ -572,9 +576,14 @@ class Videollama3DataCollator:
     media_error_policy: str = "fail"
     dataset: datasets.Dataset | None = None
     max_replacement_tries: int = 16
+    worker_niceness: int = 0
     skipped: Counter = field(default_factory=Counter)
+    _niced_process: int | None = field(default=None, init=False, repr=False)
 
     def __call__(self, rows: list[dict]) -> dict:
+        if self.worker_niceness and self._niced_process != os.getpid() and get_worker_info() is not None:
+            os.nice(self.worker_niceness)
+            self._niced_process = os.getpid()
         samples = [self._encode(row) for row in rows]
         samples = [s for s in samples if s is not None]
         if not samples:
@@ -623,5 +632,6 @@ def build_collator(processor, config, dataset=None, sample_cache: SampleCache | 
     )
     tokenizer = getattr(processor, "tokenizer", processor)
     return Videollama3DataCollator(
-        encoder, tokenizer.pad_token_id, config.multimodal_packing, config.media_error_policy, dataset
+        encoder, tokenizer.pad_token_id, config.multimodal_packing, config.media_error_policy, dataset,
+        worker_niceness=config.dataloader_worker_niceness,
     )
