@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import datasets
 import numpy as np
@@ -155,6 +156,11 @@ def test_config_rejects_unknown_modules_and_policies():
         Videollama3SFTConfig(output_dir="x", media_error_policy="ignore", use_cpu=True)
     with pytest.raises(ValueError, match="encoded_sample_cache must be >= 0, got -1"):
         Videollama3SFTConfig(output_dir="x", encoded_sample_cache=-1, use_cpu=True)
+    with pytest.raises(ValueError, match=r"dataloader_worker_niceness must be >= 0 .*got -1"):
+        Videollama3SFTConfig(output_dir="x", dataloader_num_workers=1, dataloader_worker_niceness=-1, use_cpu=True)
+    with pytest.raises(ValueError, match="dataloader_worker_niceness=5 applies to data-loader workers, "
+                                         "but dataloader_num_workers=0: set it to 1 or more"):
+        Videollama3SFTConfig(output_dir="x", dataloader_worker_niceness=5, use_cpu=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,6 +217,42 @@ def test_sample_cache_gives_the_encoded_sample_of_a_row_seen_before(tmp_path, me
     second = encoder({**row, "images": [Image.new("RGB", (84, 56), (0, 0, 200))]})
     assert not torch.equal(first.pixel_values, second.pixel_values)
     assert len(encoder.cache) == 3
+
+
+def test_collator_lowers_a_data_loader_workers_priority_once_and_never_the_main_process(tmp_path, media_root,
+                                                                                        processor):
+    collator = build_collator(processor, train_args(tmp_path, media_root, dataloader_num_workers=1,
+                                                    dataloader_worker_niceness=3))
+    rows = records(official_rows())
+    before = os.nice(0)
+    if before + 3 > 19:
+        pytest.skip(f"the tests already run at niceness {before}: a worker could not be lowered by 3")
+    collator([rows[2]])
+    assert os.nice(0) == before  # called in the main process: its priority stays
+    loader = torch.utils.data.DataLoader(rows, batch_size=1, num_workers=1, persistent_workers=True,
+                                         collate_fn=lambda batch: (collator(batch), os.nice(0)))
+    for _ in range(2):  # two epochs in the one persistent worker: lowered once, not once per batch
+        assert [niceness for _, niceness in loader] == [before + 3] * len(rows)
+    assert os.nice(0) == before
+
+
+def test_a_niced_worker_trains_the_same_weights_as_the_main_process(tmp_path, media_root, processor):
+    def run(**loading):
+        args = train_args(tmp_path, media_root, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
+                          llm_learning_rate=1e-3, projector_learning_rate=1e-3, vision_encoder_learning_rate=1e-3,
+                          encoded_sample_cache=8, **loading)
+        trainer = STAGE_TRAINERS[3](model=tiny_model(processor), args=args, train_dataset=records(official_rows()),
+                                    processing_class=processor)
+        trainer.train()
+        return snapshot(trainer.model)
+
+    main = run()
+    worker = run(dataloader_num_workers=1, dataloader_persistent_workers=True, dataloader_worker_niceness=19)
+    initial = snapshot(tiny_model(processor))
+    assert any(not torch.equal(main[name], initial[name]) for name in main)  # the three steps trained
+    assert main.keys() == worker.keys()
+    for name in main:
+        assert torch.equal(main[name], worker[name]), name
 
 
 def test_a_shared_sample_cache_serves_only_encoders_that_encode_alike(tmp_path, media_root, processor):

@@ -115,8 +115,14 @@ FULL = {
     # background process beside the scene step (two threads, identical weights) it got almost no
     # time (148 s against 49 s alone, 100 s of it alongside); the curriculum rendered by niced
     # workers beside the scene step wrote the same files in 143 s (34 s alone) and slowed the scene
-    # steps by 14% (0.51 s against 0.45 s); a niced data-loader worker in stage 3 (100 steps, cold
-    # cache) took 80 and 86 s against 82 and 93 s, but cannot fill the cache the stages share.
+    # steps by 14% (0.51 s against 0.45 s). A data-loader worker at the lowest priority, kept for
+    # the stage (`--dataloader_worker_niceness 19`), encodes in the moments the training leaves a
+    # core idle: stage 3 alone, cache cold either way, 207 and 217 s against 243 and 251 s, in
+    # alternating order, the same weights. But a worker keeps its own cache, so the stages no longer
+    # share one: a full run that way (1340 s; the same weights, peak RSS 2.9 GB) took 212, 260 and
+    # 268 s for stages 2-4, and the same stages with the shared cache right after it 197, 273 and 240
+    # s (710 s against 740 s): stage 4 encodes stage 3's clips again. So the recipe encodes in the
+    # main process.
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
@@ -433,8 +439,9 @@ def write_lm_rows(data_dir: Path) -> Path:
 
 
 def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path, plan: dict, threads: int,
-              device: str = "cpu"):
-    """One `python -m trainer` run, in-process, on `device` ("cpu" or "cuda")."""
+              device: str = "cpu", sample_cache=None):
+    """One `python -m trainer` run, in-process, on `device` ("cpu" or "cuda"); `sample_cache` (a
+    `trainer.data.SampleCache`) is shared with the recipe's other stages."""
     from trainer.cli import main as trainer_main
 
     lr = plan["lr"]
@@ -446,22 +453,14 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
         "--warmup_steps", str(max(1, plan["steps"] // 20)), "--weight_decay", "0.0", "--max_grad_norm", "1.0",
         "--logging_steps", "25", "--save_strategy", "no", "--report_to", "none",
         "--seed", str(plan.get("seed", SEED)),  # the order the stage draws its rows in
-        "--disable_tqdm", "true",
-        # Rows encoded in one worker process at the lowest priority, kept for the whole stage: the
-        # training's two threads leave a core idle now and then (single-threaded stretches of a
-        # step), and the worker encodes in that time instead of the main process between steps.
-        # Stage 3 alone (320 steps, from the recipe's stage 2, cache cold either way): 207 and 217 s
-        # against 243 and 251 s in the main process, run in alternating order, the same weights. At
-        # normal priority and restarted each epoch it gained nothing (79-89 s against 86 s for 100
-        # steps): it then took the cores from the training's threads.
-        "--dataloader_num_workers", "1", "--dataloader_persistent_workers", "true",
-        "--dataloader_worker_niceness", "19",
+        "--dataloader_num_workers", "0", "--disable_tqdm", "true",
         # Packed rows (the trainer's default): each sample attends on its own (`videollama3_packed_sdpa`)
         # and no step computes padding; 40 stage-3 steps took 30 s against 43 s padded, with losses
         # equal to 1e-7 (only the float rounding differs).
         "--multimodal_packing", "true", "--lr_scheduler_type", plan.get("scheduler", "cosine"),
-        # Every row of a stage's mixture kept encoded in its worker (the mixtures repeat rows and the
-        # stages run 1-1.4 epochs): the same samples without decoding them again.
+        # Every row of a stage's mixture kept encoded (the mixtures repeat rows and the stages run
+        # 1-1.4 epochs): the same samples without decoding them again. The recipe passes one
+        # `sample_cache` to all its stages instead, which this size then does not apply to.
         "--encoded_sample_cache", "8192",
     ]
     if stage == "pretrain":
@@ -476,7 +475,7 @@ def run_stage(stage, model_dir: Path, data: Path, data_root: Path, out_dir: Path
     if "trainable" in plan:  # the modules that train, instead of the stage preset's
         argv += ["--trainable_modules", *plan["trainable"]]
     torch.set_num_threads(threads)
-    trainer = trainer_main(argv)
+    trainer = trainer_main(argv, sample_cache=sample_cache)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses
 
@@ -581,11 +580,13 @@ def main(argv=None):
     copy_remote_code(base)
     timings["data+tokenizer"] = time.time() - start
 
-    # Each stage encodes its rows in a worker of its own (`run_stage`), so the stages share no
-    # cache of encoded samples: one `trainer.data.SampleCache` for all of them, in this process,
-    # spared stage 4 re-encoding stage 3's clips (stage 4 253-280 s against 296 s), but the encoding
-    # then ran between the steps instead of beside them.
-    previous, results = base, {}
+    # One cache of encoded samples for all stages: a row a later stage encodes alike (the same
+    # settings for its media; stage 4 merges images 2x2, so only its videos and texts) is decoded
+    # once. It ends up holding every distinct encoding of the stages' rows (8600; the recipe's peak
+    # RSS 4.1 GB against 2.9 GB with one cache per stage).
+    from trainer.data import SampleCache
+
+    sample_cache, previous, results = SampleCache(16384), base, {}
     for stage in ("scenes", "positions", "pretrain", "vision", "stills", "balance", 1, "align", 2, 3, 4):
         if 0 in (plan[stage].get("steps"), plan[stage].get("images")):  # a step switched off in the plan
             continue
@@ -598,7 +599,8 @@ def main(argv=None):
                                                    args.device)
         else:
             mix = write_mix(data_dir, f"{stage}.jsonl", plan[stage]["data"], seed=SEED)
-            results[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads, args.device)
+            results[stage] = run_stage(stage, previous, mix, data_dir, stage_dir, plan[stage], args.threads, args.device,
+                                       sample_cache)
         previous = stage_dir
         timings[f"stage {stage}"] = time.time() - t0
         logger.info("stage %s done in %.0f s; %s", stage, timings[f"stage {stage}"], describe(results[stage]))
