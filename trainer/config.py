@@ -6,6 +6,7 @@ tokens, so the presets below differ only there. Freezing is explicit: a module t
 it is listed in `trainable_modules`, whatever its learning rate says.
 """
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +112,8 @@ class Videollama3SFTConfig(SFTConfig):
         if int(self.dataloader_worker_niceness) < 0:
             raise ValueError(f"dataloader_worker_niceness must be >= 0 (a process may only lower its own priority), "
                              f"got {self.dataloader_worker_niceness!r}")
+        if self.dataloader_worker_niceness and not hasattr(os, "nice"):
+            raise ValueError("dataloader_worker_niceness needs os.nice, which this platform lacks; leave it at 0")
         if self.dataloader_worker_niceness and self.dataloader_num_workers < 1:
             raise ValueError(f"dataloader_worker_niceness={self.dataloader_worker_niceness} applies to data-loader "
                              f"workers, but dataloader_num_workers={self.dataloader_num_workers}: set it to 1 or more")
