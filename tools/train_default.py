@@ -99,8 +99,9 @@ FULL = {
     # machine's speed varies by 30-40% hour to hour. Its steps are compute-bound: matrix products
     # are 62% of a scene step (about 110 GFLOP/s on these two AVX2 cores) and its rows only 1%
     # padding; a worker process encoding stage 3's batches (`--dataloader_num_workers
-    # 1`) gave the same weights but no steady gain (79-89 s against 86 s for 100 steps: both cores
-    # are busy anyway). Nor do two processes: stage 3's first 60 steps as 2-process gloo DDP (one
+    # 1`, at normal priority and restarted each epoch) gave the same weights but no steady gain
+    # (79-89 s against 86 s for 100 steps: it took the cores from the training's threads; at the
+    # lowest priority, below). Nor do two processes: stage 3's first 60 steps as 2-process gloo DDP (one
     # thread and 8 rows each, `trainer/configs/ddp_cpu.yaml`) took 47.6 s against 49.2 s in one
     # process of two threads, so the two cores give no more side by side than together. The matrix
     # products are MKL's: on this machine (AMD Zen 3) oneDNN's fp32 linear ran the scene step's
@@ -122,7 +123,9 @@ FULL = {
     # share one: a full run that way (1340 s; the same weights, peak RSS 2.9 GB) took 212, 260 and
     # 268 s for stages 2-4, and the same stages with the shared cache right after it 197, 273 and 240
     # s (710 s against 740 s): stage 4 encodes stage 3's clips again. So the recipe encodes in the
-    # main process.
+    # main process. glibc's malloc kept from returning memory (mmap and trim thresholds at 4 GB)
+    # took 40 scene steps' minor page faults from 445k to 170k, with no step-time gain above the
+    # noise.
     # Initial weights drawn with seed 1 (and the scene step's scenes too): the scene step escapes its
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions
     # but not the shape of a named colour among several shapes by step 800 (51% / 22% on two /
