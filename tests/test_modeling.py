@@ -368,7 +368,8 @@ def test_gradient_checkpointing_gives_same_gradients(tok):
         torch.manual_seed(13)
         model = M.Videollama3Qwen2ForCausalLM(config).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_activation_checkpointing
         model(**inputs).loss.backward()
         grads.append(model.model.vision_encoder.encoder.layers[0].self_attn.q_proj.weight.grad.clone())
     assert grads[0].abs().sum() > 0
