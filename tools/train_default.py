@@ -87,10 +87,11 @@ FULL = {
     # 91.8% / 91.6%, video 85.0% / 83.3%, the 777 set 82.3%, the demo 6 / 6, but 22.3-25.2 minutes in
     # its last eight runs. The comments below record runs chained from the 1024 recipe ("this recipe" in
     # them) unless they say otherwise. Now the MLP is 512 wide, with 650 scene steps and 160 stage-3
-    # steps: a full run took 957 s (16.0 minutes; data 41 s, scene step 238 s, positions 46 s, vision,
-    # stills, stage 1 and align 113 s, stages 2-4 167, 120 and 230 s; peak RSS 3.7 GB; checkpoint 8.8
-    # MB) in an hour when the 1024 recipe with stage 3 at 160 took 1244 s, and rebuilt the weights of
-    # the chained run below bit for bit.
+    # steps: two full runs took 957 and 934 s (16.0 and 15.6 minutes; the first: data 41 s, scene step
+    # 238 s, positions 46 s, vision, stills, stage 1 and align 113 s, stages 2-4 167, 120 and 230 s;
+    # peak RSS 3.7 GB; checkpoint 8.8 MB) in an hour when the 1024 recipe with stage 3 at 160 took 1244
+    # s, and each rebuilt the weights of the chained run below bit for bit (the second from a fresh
+    # clone, without `--plan`).
     # Chained from the 512 + 650 run below (its stage 2), with stage 3 at 160 and stage 4 at seed 3
     # (kept from the 1024 recipe; the first seed tried): images 91.4% / 91.3%, video 72.5% / 71.7%
     # ("when" 19 of 32, direction 17 of 28 on the first), the 777 set 74.6% (direction 64 of 125, "when"
