@@ -100,9 +100,9 @@ FULL = {
     # and directions. Neither cut alone did: the 1024 recipe with stage 3 at 160 took 1244 s (20.7
     # minutes; scene step 390 s); 512 with 650 scene steps, stage 3 at 320, took 1140 s in its hour but
     # answered 3-5 of the 6 bundled questions over seven stage-4 seeds (below); with stage 3 at 240
-    # instead, images 91.2% / 92.0%, video 79.2% / 83.3%, but the demo 4 / 6 at seed 3 (the image's
-    # triangle "top right", the clip's square a circle) and 5 / 6 at seed 4 (the square), about 80 s
-    # more than at 160.
+    # instead, images 91.2% / 92.0%, video 79.2% / 83.3%, but the demo 4-5 / 6 at stage-4 seeds 0-4 (4,
+    # 4, 5, 4 and 5; the clip's square a circle at all five, the image's triangle "top right" at seeds
+    # 0, 1 and 3), about 80 s more than at 160.
     # 256 wide with 8 heads: on symbolic scenes it learns the lookups by step 800 (`scenes`), the
     # 128-wide LLM not in 1000. The scene steps took 4.5-7 minutes, hence 60 / 380 / 320 / 340 steps for
     # stages 1-4 in the 1024 recipe. It took 22.6-25.2 minutes on 2 cores in its last seven runs (1353,
