@@ -336,7 +336,9 @@ FULL = {
     # 168. 80 steps with stage 4 at 400: images 91.8% / 91.6%, video 79.2% / 76.7% ("when" 20 of 32, 17
     # of 28), the demo 5 / 6 (the image's triangle "top right"), 156 / 190. 200 steps (about 100 s
     # less): images 90.8% / 90.2%, video 75.8% / 71.7% ("when" 18 of 32 and 18 of 28), the demo 5 / 6
-    # (the clip's square a circle), 144 / 145.
+    # (the clip's square a circle), 144 / 145. Stage 2 at 300 steps as well (chained from this recipe's
+    # align, stage 3 at 160): images 88.0% / 88.8%, video 76.7% / 73.3%, the demo 5 / 6: stage 2 is what
+    # images need.
     # Stage 4's seed (the trainer's: the order it draws the mixture's rows in) was chosen among 0-3 by
     # the bundled demo, each run chained from the 1024 recipe's stage 3 (at 320 steps), with the
     # held-out sets, the demo and the demo clip's sweep (`tools.demo_sweep --step 4`: square named /
