@@ -218,8 +218,8 @@ FULL = {
     # 300 against 145), video 81.7% / 80.0% (direction 15 of 28 on the first against 23); but the demo 4
     # / 6 (the image's triangle "top right", the clip's square a circle), and the demo clip's square
     # named at 125 of 196 places and its span right at 41, against 155 and 177.
-    # With the 512-wide MLP, at step 650: colour, count and positions 99-100%, shape 76% (62% among
-    # three shapes); images reach 91% all the same.
+    # With the 512-wide MLP (its scene numbers at step 650 are in the comment on `model`), images
+    # reach 91% all the same.
     "scenes": dict(steps=650, batch=16, lr=1e-3, every=650, eval_scenes=300, seed=1),
     # Then position questions alone. "Where is the red circle?" among shapes in the same row got
     # the right row and, half the time, the wrong side (the second word needs a second lookup of the
