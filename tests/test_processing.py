@@ -19,6 +19,7 @@ from tools.local import REPO_ROOT, remote_module
 
 P = remote_module("processing_videollama3")
 IP = remote_module("image_processing_videollama3")
+VP = remote_module("video_processing_videollama3")
 IMG = "<image>"
 
 # facts section 7: the official processor's rendering of this conversation.
@@ -215,7 +216,7 @@ def test_image_content_forms(processor, image_file, form):
 
 @pytest.mark.parametrize("form", ["path", "path_key", "array", "frames", "official_in_memory"])
 def test_video_content_forms(processor, six_second_video, form):
-    frames = IP.load_video(six_second_video).frames
+    frames = VP.load_video(six_second_video).frames
     payload = {
         "path": {"video": six_second_video},
         "path_key": {"path": six_second_video},
@@ -366,7 +367,7 @@ def official_checkpoint(folder: Path) -> Path:
         )
     )
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": OFFICIAL_STYLE_TEMPLATE}))
-    for name in ("processing_videollama3.py", "image_processing_videollama3.py"):
+    for name in ("processing_videollama3.py", "image_processing_videollama3.py", "video_processing_videollama3.py"):
         shutil.copy(REPO_ROOT / name, folder / name)
     return folder
 
@@ -410,7 +411,7 @@ def test_no_torchvision_needed():
 
 def test_unsupported_content_type(processor):
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]
-    with pytest.raises(ValueError, match="conversation 0 message 0 content 0 has unsupported content type 'audio'"):
+    with pytest.raises(ValueError, match="^message 0 content 0 has unsupported content type 'audio'"):
         processor.apply_chat_template(conversation)
 
 
@@ -422,7 +423,7 @@ def test_unsupported_content_type(processor):
         ([{"role": "user", "content": [5]}], "content 0 must be a dict or a string"),
         (["hello"], "message 0 must be a dict"),
         ([{"role": "user", "content": [{"type": "text"}]}], "text item without a string 'text'"),
-        ([{"role": "user", "content": [{"type": "image", "image": {"path": "x"}}]}], "needs an 'image_path' key"),
+        ([{"role": "user", "content": [{"type": "image", "image": {"path": "x"}}]}], "needs a 'image_path' key"),
         ([{"role": "user", "content": [{"type": "video", "video": {"file": "x"}}]}], "needs a 'video_path' key"),
         ([], "non-empty list of messages"),
     ],
