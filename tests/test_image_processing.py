@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from tests import media
+from tests.tiny_processor import frame_token_counts
 from tools.local import remote_module
 
 IP = remote_module("image_processing_videollama3")
@@ -155,7 +156,7 @@ def test_difffp_on_crafted_frames():
     processor = VP.Videollama3VideoProcessor(min_tokens=1)
     out = processor([crafted_frames()], merge_size=2, use_token_compression=True)
     assert out["grid_sizes"].tolist() == [[5, 4, 6]]
-    counts = IP.Videollama3ImageProcessor.frame_token_counts(out["grid_sizes"], out["merge_sizes"], out["compression_mask"])
+    counts = frame_token_counts(out["grid_sizes"], out["merge_sizes"], out["compression_mask"])
     assert counts == [[6, 1, 1, 6, 1]]
     mask = out["compression_mask"].view(5, 6)
     assert bool(mask[0].all())  # frame 0 whole
@@ -223,10 +224,6 @@ def test_every_pil_mode_becomes_rgb(mode):
 def test_transparent_pixels_become_white():
     image = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     assert IP.load_image(image).tolist()[0][0] == [255, 255, 255]
-
-
-def test_pil_height_width_is_the_one_size_helper():
-    assert IP.pil_height_width(Image.new("RGB", (30, 20))) == (20, 30)
 
 
 @pytest.mark.parametrize("kind", ["path", "bytes", "file", "array_hwc", "array_chw", "tensor", "float"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests import media
-from tests.tiny_processor import tiny_processor
+from tests.tiny_processor import frame_token_counts, tiny_processor
 from tools.local import remote_module
 
 IP = remote_module("image_processing_videollama3")
@@ -35,7 +35,7 @@ def test_real_files_sample_one_frame_per_second(videos, processor, kind):
     t, gh, gw = out["grid_sizes"][0].tolist()
     assert t == 4
     per_frame = (gh // 2) * (gw // 2)
-    counts = processor.image_processor.frame_token_counts(out["grid_sizes"], out["merge_sizes"], out["compression_mask"])[0]
+    counts = frame_token_counts(out["grid_sizes"], out["merge_sizes"], out["compression_mask"])[0]
     # frame 0 whole; 1 s is still static (lossless/intra codecs decode it identically): min_tokens;
     # at 2 s and 3 s the square has appeared / moved: some but not all tokens.
     assert counts[0] == per_frame and counts[1] == 1
@@ -187,19 +187,18 @@ def test_two_videos_of_different_lengths_in_one_conversation(tmp_path, processor
     assert "Time 4.0s:<image>\nCompare." in prompt
     out = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
     assert out["grid_sizes"][:, 0].tolist() == [3, 5]
-    counts = processor.image_processor.frame_token_counts(out["grid_sizes"], out["merge_sizes"], out["compression_mask"])
+    counts = frame_token_counts(out["grid_sizes"], out["merge_sizes"], out["compression_mask"])
     assert [len(c) for c in counts] == [3, 5]
     assert (out["input_ids"] == processor.image_token_id).sum().item() == sum(map(sum, counts))
-    assert processor.num_visual_tokens(conversation) == [sum(c) for c in counts]
 
 
 def test_token_counts_before_decoding(videos, processor):
+    clip = VP.load_video(videos["mp4"])  # demuxed, one frame decoded for its size
     conversation = [{"role": "user", "content": [{"type": "video", "video": videos["mp4"]}]}]
-    unpruned = processor.num_visual_tokens(conversation, prune=False)
-    pruned = processor.num_visual_tokens(conversation)
-    assert pruned[0] < unpruned[0]
-    assert processor.num_visual_tokens(conversation, max_frames=2, prune=False)[0] < unpruned[0]
-    assert processor.num_visual_tokens(conversation, use_token_compression=False) == unpruned
+    pruned = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
+    unpruned = processor._get_num_multimodal_tokens(video_sizes=[clip.shape])["num_video_tokens"][0]
+    assert int(pruned["compression_mask"].sum()) < unpruned == pruned["compression_mask"].numel()
+    assert processor._get_num_multimodal_tokens(video_sizes=[(2, *clip.shape[1:])])["num_video_tokens"][0] < unpruned
 
 
 # ---- bad video input: each a clear ValueError naming the input and the problem ------------------
