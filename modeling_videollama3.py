@@ -150,6 +150,58 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return (xf * cos + swapped * signed_sin).to(x.dtype)
 
 
+# Inference-only memory paths. Without autograd nothing is kept for a backward, so the vision
+# encoder may work on pieces of a long video and free each as it goes: the same values (bit for bit
+# in the tests), a fraction of the peak memory. `Videollama3VisionEncoderModel.forward` is the one place that
+# chooses them (`low_memory = not torch.is_grad_enabled()`); training always takes whole tensors.
+
+# Patches per group of whole frames that CPU inference takes through all encoder layers at once:
+# on CPU, RAM is the scarce resource and each large fresh tensor costs page faults.
+INFERENCE_GROUP_TOKENS = 4096
+# Rows of one vision-MLP call: bounds the (rows, intermediate) activation, the encoder's largest tensor.
+MLP_CHUNK_TOKENS = 8192
+
+
+def frame_groups(grids, budget: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Consecutive whole frames in groups of at most `budget` patches (a larger frame alone):
+    `(first_patch, end_patch, grids of the group's frames)`, the grids as `(frames, h, w)` runs."""
+    groups, runs, start, size = [], [], 0, 0
+    for t, h, w in grids:
+        length = h * w
+        done = 0
+        while done < t:
+            if runs and size + length > budget:
+                groups.append((start, start + size, runs))
+                runs, start, size = [], start + size, 0
+            frames = min(t - done, max(1, (budget - size) // length))
+            runs.append((frames, h, w))
+            size += frames * length
+            done += frames
+    if runs:
+        groups.append((start, start + size, runs))
+    return groups
+
+
+def write_pieces(chunks, pieces, shape) -> torch.Tensor:
+    """Each piece written into one buffer of `shape` as soon as the iterable makes it, so a long
+    video's forward never holds all pieces and their concatenation at once."""
+    out = None
+    for (start, frames, length), piece in zip(chunks, pieces):
+        out = piece.new_empty(shape) if out is None else out
+        out[start : start + frames * length] = piece
+    return out
+
+
+def mlp_in_chunks(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`mlp(hidden_states)` over row chunks of at most MLP_CHUNK_TOKENS, written into one `(N, D_v)` buffer."""
+    if hidden_states.shape[0] <= MLP_CHUNK_TOKENS:
+        return mlp(hidden_states)
+    out = hidden_states.new_empty(hidden_states.shape[0], mlp.fc2.out_features)  # (N, D_v)
+    for start in range(0, hidden_states.shape[0], MLP_CHUNK_TOKENS):
+        out[start : start + MLP_CHUNK_TOKENS] = mlp(hidden_states[start : start + MLP_CHUNK_TOKENS])
+    return out
+
+
 # Upper bound on one eager/sdpa vision attention call's score tensor (F*nh*L*L fp32 values), so memory
 # stays flat however many frames a video has: longer videos take more calls, not bigger ones.
 ATTENTION_CHUNK_SCORES = 1 << 26
@@ -205,58 +257,6 @@ class VisionAttentionPlan:
         if self.low_memory:
             return write_pieces(self.chunks, pieces, shape)
         return torch.cat(list(pieces))  # one cat: writes into slices of a buffer have an O(N) backward each
-
-
-# Inference-only memory paths. Without autograd nothing is kept for a backward, so the vision
-# encoder may work on pieces of a long video and free each as it goes: the same values bit for bit,
-# a fraction of the peak memory. `Videollama3VisionEncoderModel.forward` is the one place that
-# chooses them (`low_memory = not torch.is_grad_enabled()`); training always takes whole tensors.
-
-# Patches per group of whole frames that CPU inference takes through all encoder layers at once:
-# on CPU, RAM is the scarce resource and each large fresh tensor costs page faults.
-INFERENCE_GROUP_TOKENS = 4096
-# Rows of one vision-MLP call: bounds the (rows, intermediate) activation, the encoder's largest tensor.
-MLP_CHUNK_TOKENS = 8192
-
-
-def frame_groups(grids, budget: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
-    """Consecutive whole frames in groups of at most `budget` patches (a larger frame alone):
-    `(first_patch, end_patch, grids of the group's frames)`, the grids as `(frames, h, w)` runs."""
-    groups, runs, start, size = [], [], 0, 0
-    for t, h, w in grids:
-        length = h * w
-        done = 0
-        while done < t:
-            if runs and size + length > budget:
-                groups.append((start, start + size, runs))
-                runs, start, size = [], start + size, 0
-            frames = min(t - done, max(1, (budget - size) // length))
-            runs.append((frames, h, w))
-            size += frames * length
-            done += frames
-    if runs:
-        groups.append((start, start + size, runs))
-    return groups
-
-
-def write_pieces(chunks, pieces, shape) -> torch.Tensor:
-    """Each piece written into one buffer of `shape` as soon as the iterable makes it, so a long
-    video's forward never holds all pieces and their concatenation at once."""
-    out = None
-    for (start, frames, length), piece in zip(chunks, pieces):
-        out = piece.new_empty(shape) if out is None else out
-        out[start : start + frames * length] = piece
-    return out
-
-
-def mlp_in_chunks(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`mlp(hidden_states)` over row chunks of at most MLP_CHUNK_TOKENS, written into one `(N, D_v)` buffer."""
-    if hidden_states.shape[0] <= MLP_CHUNK_TOKENS:
-        return mlp(hidden_states)
-    out = hidden_states.new_empty(hidden_states.shape[0], mlp.fc2.out_features)  # (N, D_v)
-    for start in range(0, hidden_states.shape[0], MLP_CHUNK_TOKENS):
-        out[start : start + MLP_CHUNK_TOKENS] = mlp(hidden_states[start : start + MLP_CHUNK_TOKENS])
-    return out
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
