@@ -8,7 +8,8 @@ merger, the vision encoder model, projector, the LLM wrapper, the causal LM; the
 attention function ends the file.
 
 Shape letters, used by every shape comment in this file:
-    N         patches of all visual items in a call (rows of `pixel_values`)
+    N         patches of all visual items in a call (rows of `pixel_values`); C, p channels, patch size
+    n         patches of one piece of N (a group of frames, an attention chunk)
     T, H, W   one item's grid row `[t, h, w]`: frames (1 for an image), patch rows, patch columns
     m         one item's merge size; the item gives T*(H/m)*(W/m) merged tokens (`num_merged_tokens`)
     M         merged tokens of all items in a call
@@ -16,7 +17,7 @@ Shape letters, used by every shape comment in this file:
     F, L      frames in one vision attention call, patches per frame (L = H*W)
     nh, hd    attention heads (this rank's under tensor parallelism) and head width
     D_v, D_t  vision and text widths
-    B, S      batch size and text length
+    B, S, V   batch size, text length, vocabulary size
 """
 
 from dataclasses import dataclass
