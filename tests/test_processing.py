@@ -462,7 +462,7 @@ def test_conversation_and_text_together(processor):
         processor(text="hi", conversation=[{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("key, value, message", [("fps", 0, "fps must be a number > 0"), ("max_frames", 0, "max_frames must be an integer >= 1")])
+@pytest.mark.parametrize("key, value, message", [("fps", 0, "fps must be a number > 0"), ("max_frames", 0, "max_frames must be an integer > 0")])
 def test_bad_per_call_settings(processor, key, value, message):
     with pytest.raises(ValueError, match=message):
         processor(text="hi", **{key: value})
