@@ -1,4 +1,6 @@
-"""The CLI: four stages chained on a tiny model, a YAML recipe, and a 2-process gloo DDP run."""
+"""The CLI: four stages chained on a tiny model, YAML recipes, the README's commands, --help, resume.
+
+The 2-process gloo DDP run is in test_trainer_sharded.py."""
 
 import json
 import logging
@@ -6,8 +8,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -93,28 +93,6 @@ def test_cli_resume_and_missing_arguments(tmp_path, base_checkpoint, data_path, 
     assert f"resuming from {os.path.join(out, 'checkpoint-2')} at step 2" in messages
     assert messages[-1] == f"saved to {out}"
     assert sum(m.startswith("effective settings: ") for m in messages) == 1
-
-
-def test_two_process_gloo_ddp_through_accelerate_launch(tmp_path, base_checkpoint, data_path, media_root):  # noqa: F811
-    out = tmp_path / "ddp"
-    # This interpreter's accelerate (the `accelerate` script's shebang may name another environment).
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / "trainer" / "configs" / "ddp_cpu.yaml"),
-        "--main_process_port", str(29500 + os.getpid() % 1000),
-        "-m", "trainer", "--stage", "3", "--model", base_checkpoint, "--data", data_path,
-        "--data_root", str(media_root), "--output_dir", str(out), "--max_steps", "2",
-        *TINY_FLAGS, "--per_device_train_batch_size", "1",
-    ]
-    # The repository first, then whatever the caller's PYTHONPATH already holds (packages installed with --target).
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
-    assert log.count("training on 2 process(es)") == 1, log[-4000:]  # the main process logs, once
-    assert log.count("effective settings: ") == 1, log[-4000:]
-    assert "'loss'" in log, log[-4000:]
-    assert (out / "model.safetensors").exists() and (out / "modeling_videollama3.py").exists()
 
 
 def test_model_init_kwargs_reach_from_pretrained(tmp_path, base_checkpoint, data_path, media_root, caplog):  # noqa: F811

@@ -102,6 +102,17 @@ def resume_point(resume, output_dir: str | None) -> str | None:
     return resume or None
 
 
+def warn_if_sharding_was_dropped(trainer) -> None:
+    """accelerate sets up FSDP and DeepSpeed only on GPU-type devices; on CPU a launch with
+    fsdp.yaml or zero3.yaml trains as plain DDP (accelerate/state.py, `AcceleratorState.__init__`)."""
+    for engine, variable, enabled in (("FSDP", "ACCELERATE_USE_FSDP", trainer.is_fsdp_enabled),
+                                      ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled)):
+        if os.environ.get(variable, "false").lower() == "true" and not enabled:
+            logger.warning("the accelerate config asks for %s, but accelerate runs it only on GPU-type devices; "
+                           "this run uses %s instead (every process holds the whole model)",
+                           engine, trainer.accelerator.distributed_type)
+
+
 def main(argv=None, sample_cache=None):
     """Run one training from command-line arguments; returns the trainer. `sample_cache`: a
     `trainer.data.SampleCache` to encode into, shared with runs before and after this one in the
@@ -119,12 +130,14 @@ def main(argv=None, sample_cache=None):
                             sample_cache=sample_cache)
 
     logger.info("training on %d process(es)", trainer.accelerator.num_processes)
+    warn_if_sharding_was_dropped(trainer)
     resume = resume_point(settings.get("resume"), config.output_dir)
     if resume:
         step = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json")).global_step
         logger.info("resuming from %s at step %d", resume, step)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
+    trainer.save_state()  # trainer_state.json: the run's log history next to the weights
     skipped = trainer.data_collator.skipped
     if skipped:
         logger.warning("skipped samples (this process): %s", dict(skipped))

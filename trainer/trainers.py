@@ -14,7 +14,7 @@ import logging
 import os
 
 from torch import nn
-from transformers import AutoProcessor
+from transformers import AutoProcessor, TrainerCallback
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from trl import SFTTrainer
 
@@ -65,6 +65,20 @@ def set_trainable_modules(model: nn.Module, trainable_modules) -> None:
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable parameter count per module (adapters count under the module they adapt)."""
     return {name: sum(p.numel() for p in params if p.requires_grad) for name, params in module_parameters(model).items()}
+
+
+class ModuleLearningRates(TrainerCallback):
+    """Each module's learning rate of the last optimizer step, read before the scheduler moves on
+    (the moment Trainer reads its own `learning_rate`)."""
+
+    def __init__(self):
+        self.rates: dict[str, float] = {}
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        for group in optimizer.param_groups if optimizer is not None else ():
+            module = str(group.get("name", "")).removesuffix(".no_decay")
+            if module in MODULES:
+                self.rates[module] = float(group["lr"])
 
 
 class Videollama3Trainer(SFTTrainer):
@@ -120,6 +134,8 @@ class Videollama3Trainer(SFTTrainer):
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
             peft_config=peft_config, **kwargs,
         )
+        self.module_learning_rates = ModuleLearningRates()
+        self.add_callback(self.module_learning_rates)
         logger.info("trainable parameters per module%s: %s", " (LoRA adapters and modules_to_save)" if args.lora else "",
                     trainable_parameters(self.model))
         if self.stage is not None:
@@ -157,11 +173,8 @@ class Videollama3Trainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds each module's current learning rate (`learning_rate/<module>`) to training logs;
         Trainer's own `learning_rate` is only the first group's."""
-        if "learning_rate" in logs and self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                module = str(group.get("name", "")).removesuffix(".no_decay")
-                if module in MODULES:
-                    logs[f"learning_rate/{module}"] = group["lr"]
+        if "learning_rate" in logs:
+            logs.update({f"learning_rate/{m}": lr for m, lr in self.module_learning_rates.rates.items()})
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):
