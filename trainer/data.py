@@ -29,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import get_worker_info
 
@@ -136,8 +137,6 @@ def load_records(source: str, split: str = "train") -> datasets.Dataset:
 def _count_rows(file: str) -> int:
     """Rows in one data file (0 for an empty file, `[]` or blank lines)."""
     if file.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         return pq.ParquetFile(file).metadata.num_rows
     return len(_read_json(file))
 
