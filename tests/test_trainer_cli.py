@@ -173,3 +173,15 @@ def test_bundled_example_recipe_runs_and_its_card_snippet_works(tmp_path, monkey
     assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
     # The saved tokenizer config names no remote code of its own (AutoTokenizer's prompt comes from config.json).
     assert "AutoTokenizer" not in json.loads((out / "tokenizer_config.json").read_text()).get("auto_map", {})
+
+
+def test_readme_training_python_block_runs(tmp_path, monkeypatch):
+    """The Training section's Python example, from the repository root, into a temporary folder."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index("## Training"):]
+    block = section.split("```python\n")[1].split("```")[0]
+    assert 'output_dir="outputs/example-python"' in block
+    monkeypatch.chdir(REPO_ROOT)
+    namespace = {}
+    exec(compile(block.replace("outputs/example-python", str(tmp_path / "out")), "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["trainer"].state.global_step >= 1 and (tmp_path / "out" / "model.safetensors").exists()
