@@ -56,7 +56,7 @@ def native(model, folder):
 def test_export_round_trip(model, tmp_path, layout):
     source = layout(model, tmp_path / "source")
     out = export(source, tmp_path / "hub")
-    for name in REMOTE_FILES + ["README.md", "chat_template.jinja", "config.json", "model.safetensors"]:
+    for name in REMOTE_FILES + ["README.md", "handler.py", "chat_template.jinja", "config.json", "model.safetensors"]:
         assert (out / name).is_file(), name
     for name in REMOTE_FILES:
         assert (out / name).read_text() == (REPO_ROOT / name).read_text()

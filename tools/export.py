@@ -125,6 +125,7 @@ def export(source, out, dtype: torch.dtype | None = None) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     shutil.copy(REPO_ROOT / "model_card.md", out / "README.md")
+    shutil.copy(REPO_ROOT / "handler.py", out / "handler.py")  # the Inference Endpoint route for remote code
     return out
 
 
