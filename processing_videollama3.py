@@ -15,7 +15,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .image_processing_videollama3 import Videollama3ImageProcessor
+from .image_processing_videollama3 import Videollama3ImageProcessor, concat
 from .video_processing_videollama3 import Videollama3VideoProcessor, as_video_list, check_sampling
 
 SYSTEM_PROMPT = ("You are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help people "
@@ -61,8 +61,7 @@ Videollama3VideosKwargs = TypedDict("Videollama3VideosKwargs", {
 
 
 class Videollama3ProcessorKwargs(ProcessingKwargs, total=False):
-    """Per-call options: tokenizer options, the token budget (`min_tokens`, `max_tokens`, shared by a sample's
-    images and frames), merge sizes, video sampling and DiffFP."""
+    """Per-call options: the tokenizer's, the token budget of a sample's images and frames, merge sizes, sampling, DiffFP."""
 
     images_kwargs: Videollama3ImagesKwargs
     videos_kwargs: Videollama3VideosKwargs
@@ -84,8 +83,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
     with the options of `Videollama3ProcessorKwargs` for that call; any other keyword is a TypeError.
     """
 
-    # The video processor is built here, not loaded as a `video_processor` attribute: transformers resolves
-    # those through AutoVideoProcessor, which requires torchvision.
+    # The video processor is built here, not a `video_processor` attribute: AutoVideoProcessor requires torchvision.
     _auto_class = "AutoProcessor"
     text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": False}
 
@@ -153,7 +151,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
                 parts.append(self.video_processor(media, merge_size=m, sizes=[size], return_tensors="pt", **{
                     k: videos[k] for k in ("use_token_compression", "compression_threshold", "compression_min_tokens")}))
             counts += parts[-1]["compression_mask"].view(int(parts[-1]["grid_sizes"][0, 0]), -1).sum(1).tolist()  # (T,)
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, counts
+        return {key: concat([part[key] for part in parts]) for key in parts[0]}, counts
 
     def _encode(self, prompts, visuals_per_sample, options, return_tensors, generation_spans=None) -> BatchFeature:
         token, features, expanded, shifts = self.image_token, [], [], []
@@ -185,7 +183,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         if generation_spans is not None:
             data["assistant_masks"] = _assistant_masks(encoding["offset_mapping"], generation_spans, shifts)
         for key in features[0] if features else ():
-            data[key] = torch.cat([f[key] for f in features])  # pixel_values (N, D), grid_sizes (k, 3), ...
+            data[key] = concat([f[key] for f in features])  # pixel_values (N, D), grid_sizes (k, 3), ...
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def __call__(self, text=None, images=None, videos=None, conversation=None, add_system_prompt=False,
@@ -237,8 +235,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         spare, return_tensors = processor_kwargs.pop("images", None), processor_kwargs.pop("return_tensors", return_tensors)
         template = self._template(chat_template)
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_NAMES}
-        # Pipelines pass generation settings here too; a keyword the template does not use but that is
-        # spelt like an option is a typo.
+        # Pipelines pass generation settings here too; an unused keyword spelt like an option is a typo.
         typos = {k: difflib.get_close_matches(k, OPTION_NAMES, 1) for k in kwargs
                  if not re.search(rf"\b{re.escape(k)}\b", template)}
         if any(typos.values()):

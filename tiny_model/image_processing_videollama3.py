@@ -27,6 +27,11 @@ class MediaNotFoundError(FileNotFoundError, ValueError):
     """A media path that does not exist."""
 
 
+def concat(tensors: list) -> torch.Tensor:
+    """`torch.cat` that does not copy a single tensor (a long video's patches are hundreds of MB)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def num_merged_tokens(t: int, gh: int, gw: int, m: int) -> int:
     """Merged tokens of an item of `t` frames of `gh x gw` patches merged by `m`."""
     return t * (gh // m) * (gw // m)
@@ -268,8 +273,8 @@ class PixelProcessing:
             grids.append((len(patches[-1]) // (h // self.patch_size * (w // self.patch_size)), h // self.patch_size,
                           w // self.patch_size))
             masks.append(keep(patches[-1], grids[-1], m))  # (T*gh/m*gw/m,)
-        data = {"pixel_values": torch.cat(patches), "grid_sizes": torch.tensor(grids, dtype=torch.long),  # (N, D), (k, 3)
-                "merge_sizes": torch.tensor(merges, dtype=torch.long), "compression_mask": torch.cat(masks)}  # (k,), (M,)
+        data = {"pixel_values": concat(patches), "grid_sizes": torch.tensor(grids, dtype=torch.long),  # (N, D), (k, 3)
+                "merge_sizes": torch.tensor(merges, dtype=torch.long), "compression_mask": concat(masks)}  # (k,), (M,)
         if return_tensors in (None, "np"):
             data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data, tensor_type=return_tensors)

@@ -273,10 +273,9 @@ Videollama3VideoProcessorKwargs = TypedDict("Videollama3VideoProcessorKwargs", {
 
 
 class Videollama3VideoProcessor(PixelProcessing, VideoProcessorMixin):
-    r"""Video processor of VideoLLaMA3: samples at `fps` (at most `max_frames`), resizes a video's frames alike
-    within the token budget, patchifies and prunes with DiffFP. Output as the image processor's, with
-    `grid_sizes` `[T, gh, gw]` and `compression_mask` True where kept. Not an `AutoVideoProcessor`: that class
-    requires torchvision in transformers 5.x, so the processor builds and saves this one itself."""
+    r"""Video processor of VideoLLaMA3: samples at `fps` (at most `max_frames`), resizes a video's frames alike within
+    the token budget, patchifies and prunes with DiffFP; outputs as the image processor's (`grid_sizes` `[T, gh, gw]`).
+    Not an `AutoVideoProcessor` (which requires torchvision): the processor builds and saves this one itself."""
 
     valid_kwargs = Videollama3VideoProcessorKwargs
     model_input_names = ["pixel_values", "grid_sizes", "merge_sizes", "compression_mask"]
