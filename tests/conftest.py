@@ -1,5 +1,5 @@
 import sys
 from pathlib import Path
 
-# Make `tools` and `tests.tiny` importable whatever directory pytest is started from.
+# Make `tools`, `recipes`, `bench` and `examples` importable whatever directory pytest is started from.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

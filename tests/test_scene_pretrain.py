@@ -1,11 +1,12 @@
-"""Symbolic scenes (`tools.scene_pretrain`): grid tokens, labels, the embedding sums the LLM sees, and training on them."""
+"""Symbolic scenes (`recipes.tiny.scene_pretrain`): grid tokens, labels, the embedding sums the LLM sees, and training on them."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tools import binding_study, curriculum, scene_pretrain
+from recipes.tiny import curriculum, scene_pretrain
+from recipes.tiny.studies import binding_study
 from tools.local import REPO_ROOT, remote_module
 
 IP = remote_module("image_processing_videollama3")

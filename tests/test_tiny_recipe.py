@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tools import train_default
+from recipes.tiny import train_default
 
 HUB_FILES = {
     "config.json", "model.safetensors", "generation_config.json", "chat_template.jinja", "tokenizer.json",

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools import curriculum, vision_pretrain
+from recipes.tiny import curriculum, vision_pretrain
 
 
 def scene():

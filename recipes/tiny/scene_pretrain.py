@@ -4,7 +4,7 @@ Qwen2.5 arrives able to look things up in its context: asked "What colour is the
 list of objects, it finds the square and reads its colour. A tiny LLM pretrained on a few hundred
 steps of text cannot, and on the recipe's budget it does not learn it from images either: image
 questions stopped near 70%, with "What colour is the square?" among two or three shapes answered at
-1 in n (`tools.binding_study` lists the attempts). So this step gives it that ability first, on
+1 in n (`recipes.tiny.studies.binding_study` lists the attempts). So this step gives it that ability first, on
 symbolic scenes: a 6x6 grid of tokens (an 84 px image in 14 px patches), each the sum of the LLM's
 own word embeddings of what covers it ("red" + "square" + "top" + "left", or the background style
 "striped"), plus Gaussian noise, followed by the curriculum's image questions, trained with the
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tools import curriculum
+from recipes.tiny import curriculum
 
 logger = logging.getLogger("scene_pretrain")
 
@@ -60,7 +60,7 @@ VIDEO_KINDS = ("appear", "when", "direction", "moving")
 @dataclass
 class SceneConfig:
     """What a scene pretraining run shows the LLM and for how long (the recipe's `scenes` plan sets
-    steps, batch, lr, every and eval_scenes; `tools.binding_study`'s flags the rest)."""
+    steps, batch, lr, every and eval_scenes; `recipes.tiny.studies.binding_study`'s flags the rest)."""
 
     objects: int = 0  # shapes per scene; 0: one to three, as in the curriculum
     kinds: tuple[str, ...] = ("colour", "shape", "position", "count")

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tools.curriculum import BACKGROUNDS, COLOURS, QUADRANTS, SHAPES, VIDEO_SIZE
-from tools.scene_pretrain import VIDEO_GRID, block_quadrant
+from recipes.tiny.curriculum import BACKGROUNDS, COLOURS, QUADRANTS, SHAPES, VIDEO_SIZE
+from recipes.tiny.scene_pretrain import VIDEO_GRID, block_quadrant
 
 logger = logging.getLogger("vision_pretrain")
 
@@ -408,7 +408,7 @@ def merge_blocks(x: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Te
 def frame_block_targets(row: dict, pixels: np.ndarray, embed, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For a video still (`curriculum.frame_row`): which 2x2-merged tokens a shape covers at all,
     `(N / 4,)` bool in raster order, and for those the sum of the LLM's embeddings of the shape's
-    colour and kind and of the token's own quadrant, `(M, D)`: how `tools.scene_pretrain` lays out
+    colour and kind and of the token's own quadrant, `(M, D)`: how `recipes.tiny.scene_pretrain` lays out
     a served video's tokens (`clip_tokens`), so a merged token is pulled to the scene token the LLM
     learnt to read."""
     check_still(row, pixels, patch)
@@ -431,7 +431,7 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
     The stand-in for SigLIP's language alignment: SigLIP's features already sit near the text that
     describes them, while the tiny encoder's features, however well they separate colours and
     shapes, start in no relation to the LLM's words. The recipe's LLM learnt its lookups on tokens
-    that are sums of its word embeddings (`tools.scene_pretrain`), so once the visual tokens are
+    that are sums of its word embeddings (`recipes.tiny.scene_pretrain`), so once the visual tokens are
     such sums it answers questions about images as it did about scenes. The recipe runs this after
     stage 1, whose captions through the frozen LLM would otherwise pull the tokens away from the
     words (reading each shape's colour off its nearest word sum: 100% after 400 alignment steps,
@@ -527,7 +527,7 @@ def balance_projector(model, processor, vision_rows: Path, data_root: Path, *, i
     tokens towards colour (63%). Balanced here, and with encoder and projector kept fixed in stage
     2 (the plan's `trainable`), the quadrant keeps 17% of the variance after stage 1 and positions
     among several shapes are answered far more often after stage 2, but not after stages 3-4; the
-    recipe leaves it off (`tools.train_default`, `tools.binding_study`). Returns the read-out
+    recipe leaves it off (`recipes.tiny.train_default`, `recipes.tiny.studies.binding_study`). Returns the read-out
     accuracies and the variance shares before and after.
     """
     if images < 1:

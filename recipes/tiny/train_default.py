@@ -1,19 +1,19 @@
 """The tiny recipe: train the embedded default VideoLLaMA3 from nothing, on 2 CPU cores, in one command.
 
-    python -m tools.train_default                    # full recipe -> ./tiny_model (about 16 minutes, `FULL`)
-    python -m tools.train_default --quick --out /tmp/t  # a few steps per stage (tests, CI)
+    python -m recipes.tiny.train_default                    # full recipe -> ./tiny_model (about 16 minutes, `FULL`)
+    python -m recipes.tiny.train_default --quick --out /tmp/t  # a few steps per stage (tests, CI)
 
 Steps, mirroring how the real model was made at a scale a laptop can run:
-1. `tools.curriculum` writes the synthetic shapes curriculum (images, H.264 videos with a still
+1. `recipes.tiny.curriculum` writes the synthetic shapes curriculum (images, H.264 videos with a still
    of each, 1000 more clips of appearances only, text) in the official data format.
 2. A byte-level BPE tokenizer is trained on the curriculum's text (Qwen2 pre-tokenizer, the Qwen
    chat specials, `<image>` and the stream tokens), and wrapped in the VideoLLaMA3 processor.
 3. A randomly initialised tiny model; its LLM alone is pretrained on symbolic scenes
-   (`tools.scene_pretrain`: each "patch" the sum of the LLM's word embeddings of what covers it,
+   (`recipes.tiny.scene_pretrain`: each "patch" the sum of the LLM's word embeddings of what covers it,
    with the curriculum's questions, then on their position questions alone), standing in for
    starting from Qwen2.5, which can look things up in its context. Off unless `--plan` turns it
    on: a text-only chat pretraining of the LLM through `trainer/`.
-4. The vision encoder is pretrained alone on dense patch labels (`tools.vision_pretrain`: colour,
+4. The vision encoder is pretrained alone on dense patch labels (`recipes.tiny.vision_pretrain`: colour,
    shape and position of every patch, and each image's background style), standing in for
    starting from SigLIP; then a second pass that also trains colour and kind on the 2x2-merged
    tokens of one still per training clip (`stills`), the tokens video frames are served as.
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from tokenizers import pre_tokenizers
 
-from tools import curriculum, scene_pretrain, vision_pretrain
+from recipes.tiny import curriculum, scene_pretrain, vision_pretrain
 from tools.local import REPO_ROOT, remote_module
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|stream_start|>", "<|stream_end|>"]
@@ -73,7 +73,7 @@ VISION = dict(steps=1200, batch=16, lr=1e-3, background_weight=1.0, scene_weight
 
 # Per stage: which curriculum files (with how many copies), steps, batch size and learning rates.
 # Presets (trainable modules, merge sizes, DiffFP) come from trainer.config.STAGES unchanged.
-# Why each number is what it is, in short; the runs behind it are in `tools.binding_study`'s
+# Why each number is what it is, in short; the runs behind it are in `recipes.tiny.studies.binding_study`'s
 # docstring and the notes on the embedded-default issue. One plan run twice spreads by about 5
 # points (71.4% / 66.8% image where only float rounding differed), so single runs rank plans only
 # coarsely. A run "chained from the recipe's" step started from that step of the recipe of its
@@ -148,7 +148,7 @@ FULL = {
     # plateau at a seed-dependent step, and from seed 0's weights it had learnt colour and positions but
     # not the shape of a named colour among several shapes by step 800 (51% / 22% on two / three), which
     # stage 2 then did not learn either (images 78.0% after stage 2, shape 61%); seed 1 learns all three
-    # (`tools.scene_pretrain`).
+    # (`recipes.tiny.scene_pretrain`).
     # `intermediate_size` 512 instead of 1024 with 800 scene steps (a full run of the 1024 recipe
     # otherwise): 1228 s, but mostly from the scene step (275 s); stages 2-4 took 193, 258 and 253 s,
     # their steps not ruled by the LLM's MLPs. At scene step 800 colour, count and positions 100%, shape
@@ -188,7 +188,7 @@ FULL = {
     # "right" for left), captions from 220 to 189 of 300, images to 91.8% / 92.7% and video to
     # 73.3% / 75.8%, and vision pretraining and alignment took 38 s more. With 400: appear 49, moves
     # 56, direction 43 of 60, captions 178 of 300, images 92.4% / 92.4%, video 75.8% / 74.2%. The
-    # demo clip's square (`tools.demo_sweep --step 4`) was named at 85 (1000) and 49 (400) of 196
+    # demo clip's square (`recipes.tiny.studies.demo_sweep --step 4`) was named at 85 (1000) and 49 (400) of 196
     # places, against 70 without, and its span right at 87 and 99 against 146. In alignment only
     # (1000, vision pretraining without them): images 87.5% / 89.0% (positions 466 of 601, against
     # 572), video 68.3% / 70.0%.
@@ -196,7 +196,7 @@ FULL = {
     # file are unchanged; `video_appear` replaced them). Chained from the recipe's stage 2, with stages
     # 3 and 4 drawing half their video rows from them (same steps; `"data"` with `"video_more": 1`):
     # video 75.0% / 85.8%, "when" 36 against 28 of 60, direction 59 against 57, the demo clip's span
-    # within 1 s at 188 of 196 places against 146 (`tools.demo_sweep --step 4`), its square named at 85
+    # within 1 s at 188 of 196 places against 146 (`recipes.tiny.studies.demo_sweep --step 4`), its square named at 85
     # against 70 and the demo's "what appears" still wrong; images 92.4% / 93.7%, captions 200 against
     # 220 of 300. The curriculum took 20 s more and stage 3 about 50 s more (more of its rows are
     # videos). In stage 4 alone: video 76.7% / 79.2%, images 92.1% / 93.9%, the stage about 30 s longer
@@ -204,7 +204,7 @@ FULL = {
     # Stills of the clips for the second vision pass (`video_frames`) and 1000 clips of appearances
     # for stages 3 and 4 (`appear_videos`, in `video_appear.jsonl` only): see `stills` and stage 3.
     "curriculum": dict(images=2000, videos=1000, texts=600, video_frames=True, appear_videos=1000),
-    # The stand-in for Qwen2.5's lookups in context (`tools.scene_pretrain`): from fresh weights,
+    # The stand-in for Qwen2.5's lookups in context (`recipes.tiny.scene_pretrain`): from fresh weights,
     # held-out scenes are answered at 1 in n among several shapes until about step 400; at step 800
     # (seed 1) colour 100%, shape 99% and positions 72% of 300 held-out scenes (at step 690: 100%, 96%,
     # 70%).
@@ -249,7 +249,7 @@ FULL = {
     # 89.2%, video 66.7% / 76.7%. The demo clip's square was named at 81 (7 px) and 44 (4 px) of 196
     # places, against 70 without.
     # Not kept (tried without a recipe run): video stills mixed into this step from its first step
-    # (its `frames` option, 8 a step) instead of a second pass (`stills` below). `tools.kind_probe`
+    # (its `frames` option, 8 a step) instead of a second pass (`stills` below). `recipes.tiny.studies.kind_probe`
     # read 78.5% with the curriculum's 1000 stills, 75.7% with them rolled up to 14 px and 77.5% with
     # 9600 freshly drawn ones, against 77.4% without, while the images' patch shapes fell from 98% to
     # 67-79%; the 64-wide encoder does not learn both at once in 1200 steps.
@@ -257,11 +257,11 @@ FULL = {
     # A second pass of 400 steps that also trains colour and kind on the 2x2-merged tokens of one
     # still per clip (`pretrain_vision`'s `frames`, the curriculum's `video_frames`; 43 s): a video
     # shape's kind was lost in the encoder, where its edges fall near the 28 px merged grid. A
-    # linear read-out of it from the merged tokens a shape covers (`tools.kind_probe`) is right for
+    # linear read-out of it from the merged tokens a shape covers (`recipes.tiny.studies.kind_probe`) is right for
     # 87.8% of shapes against 79.0% without the pass. Chained from the vision step, with the
     # earlier stages 3-4 (no `video_appear`), both held-out sets: images 93.7% / 95.6% (colour 701 /
     # 701, shape 689 / 701), video 74.2% / 76.7%; the demo clip's square named at 137 of 196 places
-    # against 70 (`tools.demo_sweep --step 4`), but its span right at 75 against 146 (mostly an end
+    # against 70 (`recipes.tiny.studies.demo_sweep --step 4`), but its span right at 75 against 146 (mostly an end
     # at the clip's last frame); the appearance clips of stages 3-4 are what fixed that. 600 steps
     # instead of 400 (with `video_appear`, the rest of the recipe unchanged): images 93.7% / 95.4%,
     # video 80.0% / 79.2%, the 777 set 83.3% (83.5% at 400); the square named at 157 of 196 places
@@ -341,7 +341,7 @@ FULL = {
     # images need.
     # Stage 4's seed (the trainer's: the order it draws the mixture's rows in) was chosen among 0-3 by
     # the bundled demo, each run chained from the 1024 recipe's stage 3 (at 320 steps), with the
-    # held-out sets, the demo and the demo clip's sweep (`tools.demo_sweep --step 4`: square named /
+    # held-out sets, the demo and the demo clip's sweep (`recipes.tiny.studies.demo_sweep --step 4`: square named /
     # span right of 196): seed 0: images 90.5% / 91.0%, video 85.0% / 82.5%, the demo 5 / 6 (the clip's
     # square a circle), 155 / 177; seed 1: 92.4% / 92.4%, 81.7% / 82.5%, 5 / 6 (the image's triangle
     # "top right"), 145 / 190; seed 2: 90.8% / 90.3%, 84.2% / 85.8%, 5 / 6 (the triangle again), 146 /
@@ -405,7 +405,7 @@ def build_model(tokenizer, seed: int = SEED, shape: dict | None = None):
         rope_theta=10000.0,
         # Untied: tied, the text pretraining (where no colour or shape word is predictable) pulls
         # those words' embeddings together (mean cosine 0.93 / 0.96 against 0.31 / 0.44 untied), and
-        # "the square" and "the circle" become nearly the same question (`tools.binding_study`).
+        # "the square" and "the circle" become nearly the same question (`recipes.tiny.studies.binding_study`).
         tie_word_embeddings=False,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         bos_token_id=None,
@@ -522,7 +522,7 @@ def train_in_place(model_dir: Path, out_dir: Path, threads: int, train):
 
 
 def run_scene_pretraining(model_dir: Path, out_dir: Path, plan: dict, threads: int, device: str = "cpu"):
-    """The Qwen2.5 stand-in (`tools.scene_pretrain`): the LLM alone on symbolic scenes; returns the
+    """The Qwen2.5 stand-in (`recipes.tiny.scene_pretrain`): the LLM alone on symbolic scenes; returns the
     held-out accuracies `[(step, {kind: accuracy})]`."""
     config = scene_pretrain.SceneConfig(**{"seed": SEED, **plan})
     return train_in_place(model_dir, out_dir, threads, lambda model, processor: scene_pretrain.pretrain_llm(
@@ -531,7 +531,7 @@ def run_scene_pretraining(model_dir: Path, out_dir: Path, plan: dict, threads: i
 
 def run_vision_pretraining(step: str, model_dir: Path, data_root: Path, out_dir: Path, plan: dict, threads: int,
                            device: str = "cpu"):
-    """The SigLIP stand-ins (`tools.vision_pretrain`): "vision", the encoder alone on dense patch
+    """The SigLIP stand-ins (`recipes.tiny.vision_pretrain`): "vision", the encoder alone on dense patch
     labels (returns the loss curve); "balance", the projector's first linear folded with
     `balance_map` (returns its report); "align", encoder and projector towards the LLM's embeddings
     of those labels' words (returns the loss curve)."""

@@ -3,7 +3,7 @@
 Until the scene step (the last paragraphs), the embedded tiny model answered questions about
 one-shape images (colour, position 100%) but was near chance when a scene held two or three shapes:
 it named one of the present colours, right about one time in n. This study isolates the LLM from
-vision (the scenes are `tools.scene_pretrain`'s, which the recipe now also trains on). Each scene is a 6x6 grid of
+vision (the scenes are `recipes.tiny.scene_pretrain`'s, which the recipe now also trains on). Each scene is a 6x6 grid of
 symbolic visual tokens, standing in for the projector's output: a token covered by a shape is the
 sum of the LLM's word embeddings of its colour, its kind and its quadrant ("red" + "square" + "top"
 + "left"), a background token is the embedding of the background style, plus Gaussian noise. The
@@ -11,9 +11,9 @@ LLM alone (a freshly initialised tiny Qwen2 of `train_default.MODEL`'s shape, or
 checkpoint) is trained on the curriculum's questions about such scenes and scored on held-out
 scenes, per question kind and per number of shapes (answers exact, teacher-forced).
 
-    python -m tools.binding_study --objects 2 --kinds colour --heads 16   # the simplest binding
-    python -m tools.binding_study --heads 4                               # the 128-wide tiny LLM
-    python -m tools.binding_study --answers restated --kinds colour,shape,position,count,colours,caption
+    python -m recipes.tiny.studies.binding_study --objects 2 --kinds colour --heads 16   # the simplest binding
+    python -m recipes.tiny.studies.binding_study --heads 4                               # the 128-wide tiny LLM
+    python -m recipes.tiny.studies.binding_study --answers restated --kinds colour,shape,position,count,colours,caption
 
 This tool (tied embeddings, as the recipe then was), two shapes, colour questions, 400 steps:
 4 heads 47%, 48%, 51%, 56% and 16 heads 48%, 48%, 61%, 82% at steps 100-400 (chance 50%; about
@@ -83,7 +83,7 @@ weights, seed 1, short answers, all kinds): colour by shape on two / three shape
 by colour still 45% / 29% at step 300. Restated, shape 100% at step 100 and position 70% / 65% at
 step 200. A step costs about 2.5 times as much. On real images part of this carries over, and the
 recipe now uses the 256-wide LLM: colour by shape in some runs, position in others
-(`tools.train_default`'s plan comments). Run to run, the study itself is a
+(`recipes.tiny.train_default`'s plan comments). Run to run, the study itself is a
 lottery: restated answers from a text-pretrained LLM (`--init`) reached shape 100% at step 400 with
 seed 1 and 32% with seed 2; with `--beta2 0.95` instead of 0.999, seed 2 reached 97% and seed 3 45%.
 Starting the 256-wide LLM from the recipe's text pretraining (seed 0, short answers, captions in the
@@ -91,7 +91,7 @@ mix, batch 32) was slower still: after 300 steps (1.2 s each) colour 31%, shape 
 even on one-shape scenes colour 33% and shape 50%, so a symbolic-scene phase before stage 1 (as a
 stand-in for what Qwen2.5 brings) would cost more than the recipe's 20 minutes allow.
 
-In the real recipe (`tools.train_default --plan` with `{"curriculum": {"answers": "restated"}}`)
+In the real recipe (`recipes.tiny.train_default --plan` with `{"curriculum": {"answers": "restated"}}`)
 restated answers alone gave held-out image 40.7% (one-shape colour 100%, but one-shape shape 70% and
 colour on two or three shapes 50% / 34%). The LLM does not get tokens that read like words: adding
 the alignment of `vision_pretrain.align_projector` after stage 1 makes each shape's mean token
@@ -146,7 +146,7 @@ Questions that only a lookup by kind or by quadrant answers, from E2's stage-1 c
 caption 1, image 2, these 1; 540 steps as before; scored at merge size 1 after stage 2). The
 lookup by kind did not come (colour 44% / 28%, position 49% / 34% on two / three shapes) and the
 lookup by colour was lost (shape 31% / 34%): image 45.9% against E2's 65.3%.
-Stage 2 swept on a lent H200 (`tools.train_default --device cuda` pieces; 24 variants, all from E2's
+Stage 2 swept on a lent H200 (`recipes.tiny.train_default --device cuda` pieces; 24 variants, all from E2's
 stage-1 checkpoint, fp32, scored after stage 2 at merge 1 on the first held-out set, image %):
 seeds 0 / 1 / 2 of the recipe 65.0 / 66.7 / 64.7 (CPU: 65.3), so from a fixed stage 1 the spread is
 about 1 point; constant learning rate 63.6; 1080 steps 67.6 (constant 63.9); batch 32 69.0, batch
@@ -186,7 +186,7 @@ after stage 4 at merge size 1. Stage 4 trains images at merge size 2, and the fi
 70.4% served at 2 (71.4% on the second held-out set), which is how the recipe now packages it.
 
 What did it (the recipe since stop 19): the LLM learns the lookups before it sees an image, on
-these scenes (`tools.scene_pretrain`, from fresh weights), and the visual tokens are then pulled to
+these scenes (`recipes.tiny.scene_pretrain`, from fresh weights), and the visual tokens are then pulled to
 the same word sums (`vision_pretrain.align_projector` after stage 1). At the recipe's batch 16 and
 lr 1e-3 the 256-wide LLM sits at 1 in n among several shapes for about 400 steps, then escapes:
 seed 1, colour on two / three shapes 53% / 40% at step 400, 100% / 90% at 600 and 100% / 100% at
@@ -220,16 +220,16 @@ import logging
 
 import torch
 
-from tools import curriculum, scene_pretrain
+from recipes.tiny import curriculum, scene_pretrain
 from tools.local import REPO_ROOT
-from tools.scene_pretrain import SceneConfig
+from recipes.tiny.scene_pretrain import SceneConfig
 
 
 def build_llm(tokenizer, heads: int, init: str | None, layers: int | None = None, width: int | None = None):
     """A tiny model of `train_default.MODEL`'s shape with `heads` attention heads (and `layers`
     decoder layers and hidden size `width`, MLP 4x as wide, both default that shape's), or the model
     saved at `init`; only its LLM is used."""
-    from tools import train_default
+    from recipes.tiny import train_default
 
     if init:
         from transformers import AutoModelForCausalLM
