@@ -1,1 +1,1 @@
-"""The tiny recipe: curriculum, stand-ins for the pretrained weights, and the four stages (`python -m recipes.tiny.train_default`)."""
+"""The tiny recipe (`python -m recipes.tiny.train_default`): curriculum, pretraining stand-ins, four stages."""

@@ -1,6 +1,6 @@
 """How the demo video's answers depend on where its shape is.
 
-    python -m recipes.tiny.studies.demo_sweep                          # ./tiny_model, a green square, centres 30-82 px every 2 px
+    python -m recipes.tiny.studies.demo_sweep                 # ./tiny_model, a green square, centres 30-82 px every 2 px
     python -m recipes.tiny.studies.demo_sweep --kind circle --step 4
 
 The bundled clip (`curriculum.demo_frames`) is redrawn with its shape centred at every point of a

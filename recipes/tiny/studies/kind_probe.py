@@ -1,9 +1,9 @@
 """How much of a video shape's kind a model's vision tokens keep, before the LLM reads them.
 
-    python -m recipes.tiny.studies.kind_probe                        # ./tiny_model, 2400 stills (about 15 s on 2 cores)
+    python -m recipes.tiny.studies.kind_probe                 # ./tiny_model, 2400 stills (about 15 s on 2 cores)
     python -m recipes.tiny.studies.kind_probe --model /tmp/t/served --stills 600
 
-`recipes.tiny.studies.demo_sweep` shows where the whole model misnames the demo clip's shape; this measures the
+`demo_sweep` shows where the whole model misnames the demo clip's shape; this measures the
 vision side alone, in a minute instead of a recipe run. It draws stills of the curriculum's video
 world (`curriculum.video_event`: a clip's actor at a random shown frame, its static distractor when
 it has one, on the clip's background), encodes each as the model serves video frames (2x2-merged
