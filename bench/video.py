@@ -2,7 +2,7 @@
 
 Three ways through the same file:
 
-* ours: `load_video(path, fps=1)` and `Videollama3ImageProcessor` with merge size 2 and DiffFP,
+* ours: `Videollama3VideoProcessor` (`fetch_videos(path, fps=1)`, then merge size 2 and DiffFP),
   i.e. the processor's video path (flat patches, grid, merge size, keep-mask);
 * peer: transformers' `load_video(path, backend="pyav", fps=1)`, then the native steps. The native
   video processor imports torchvision, which this environment lacks, so its steps are reproduced
@@ -120,14 +120,13 @@ def decode_floor(path) -> int:
 
 
 def ours_fn(max_tokens: int = MAX_TOKENS):
-    """Our path: `load_video` then the image processor's video branch (resize, patchify, DiffFP)."""
+    """Our path: the video processor's `fetch_videos` (PyAV sampling) then its resize, patchify and DiffFP."""
     from tools.local import remote_module
 
-    ip = remote_module("image_processing_videollama3")
-    processor = ip.Videollama3ImageProcessor(max_tokens=max_tokens)
+    processor = remote_module("video_processing_videollama3").Videollama3VideoProcessor(max_tokens=max_tokens)
 
     def run(path):
-        clip = ip.load_video(str(path), fps=SAMPLE_FPS, max_frames=180)
+        clip = processor.fetch_videos(str(path), fps=SAMPLE_FPS, max_frames=180)
         out = processor([clip], merge_size=MERGE_SIZE, use_token_compression=True)
         return out["pixel_values"], out["grid_sizes"][0].tolist(), out["compression_mask"]
 

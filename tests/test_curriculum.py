@@ -11,7 +11,7 @@ from recipes.tiny import curriculum
 from tools.local import remote_module
 from tools.spans import parse_span
 
-IP = remote_module("image_processing_videollama3")
+VP = remote_module("video_processing_videollama3")
 SIZES = dict(images=6, videos=4, texts=5)
 
 
@@ -81,7 +81,7 @@ def test_videos_decode_at_one_fps_and_spans_parse(written):
     videos = [r for r in rows if r["modality"] == "video"]
     assert videos
     for row in videos:
-        clip = IP.load_video(str(written / row["video"][0]), fps=1, max_frames=180)
+        clip = VP.load_video(str(written / row["video"][0]), fps=1, max_frames=180)
         assert clip.frames.shape[1:] == (curriculum.VIDEO_SIZE, curriculum.VIDEO_SIZE, 3)
         assert clip.timestamps == [float(t) for t in range(len(clip.timestamps))]
         if row["kind"] == "when":
@@ -90,10 +90,10 @@ def test_videos_decode_at_one_fps_and_spans_parse(written):
 
 
 def test_static_background_is_pruned(written):
-    processor = IP.Videollama3ImageProcessor()
+    processor = VP.Videollama3VideoProcessor()
     kept = total = 0
     for path in sorted((written / "videos").glob("*.mp4")):
-        clip = IP.load_video(str(path), fps=1, max_frames=180)
+        clip = VP.load_video(str(path), fps=1, max_frames=180)
         mask = processor([clip], merge_size=2, use_token_compression=True)["compression_mask"]
         kept, total = kept + int(mask.sum()), total + mask.numel()
     assert 1 - kept / total >= 0.5
@@ -181,7 +181,7 @@ def test_more_videos_are_training_rows_of_their_own_file(written, tmp_path):
     for row in rows:
         (rel,) = row["video"]
         assert rel not in base and (tmp_path / rel).is_file()
-        clip = IP.load_video(str(tmp_path / rel))
+        clip = VP.load_video(str(tmp_path / rel))
         assert clip.frames.shape[1:] == (curriculum.VIDEO_SIZE, curriculum.VIDEO_SIZE, 3)
         asked = [m["value"] for m in row["conversations"][0::2]]
         assert asked[0].startswith("<video>\n") and len(asked) == 2
@@ -220,7 +220,7 @@ def test_appear_videos_are_appearances_in_their_own_file_from_their_own_generato
                          (m["value"] for m in row["conversations"][1::2])))
         when = f"When does the {turns['What appears in the video?'].removeprefix('a ')} appear?"
         assert set(turns) == {"What appears in the video?", when}
-        clip = IP.load_video(str(tmp_path / "a" / rel), fps=1, max_frames=180)
+        clip = VP.load_video(str(tmp_path / "a" / rel), fps=1, max_frames=180)
         start, end = parse_span(turns[when])
         assert 0 <= start < end <= len(clip.timestamps)
     # Their own generator: the same clips whatever else is drawn before them.

@@ -17,7 +17,7 @@ from tools.local import REPO_ROOT, remote_module
 M = remote_module("modeling_videollama3")
 REMOTE_FILES = [
     "configuration_videollama3.py", "modeling_videollama3.py", "processing_videollama3.py",
-    "image_processing_videollama3.py",
+    "image_processing_videollama3.py", "video_processing_videollama3.py",
 ]
 
 

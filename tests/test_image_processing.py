@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 
 from tests import media
+from tests.tiny_processor import frame_token_counts
 from tools.local import remote_module
 
 IP = remote_module("image_processing_videollama3")
+VP = remote_module("video_processing_videollama3")
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +43,11 @@ def test_180_frames_share_the_budget(processor, height, width):
 
 
 def test_small_video_upscaled_alone_but_not_next_to_an_image(processor):
-    video = np.zeros((6, 112, 84, 3), dtype=np.uint8)  # 84x112 (WxH)
-    alone = processor([video], merge_size=[2])
-    assert alone["grid_sizes"].tolist() == [[6, 10, 8]]
-    mixed = processor([media.photo(98, 98), video], merge_size=[1, 2])
-    assert mixed["grid_sizes"].tolist() == [[1, 7, 7], [6, 8, 6]]
-    assert mixed["pixel_values"].shape[0] == 49 + 6 * 8 * 6
+    shapes = [(1, 98, 98), (6, 112, 84)]  # an image and an 84x112 (WxH) video
+    assert processor.target_sizes(shapes[1:], [2]) == [(140, 112)]  # grid (6, 10, 8)
+    assert processor.target_sizes(shapes, [1, 2]) == [(98, 98), (112, 84)]  # grids (1, 7, 7), (6, 8, 6)
+    video = VP.Videollama3VideoProcessor(**processor.pixel_settings())(np.zeros((6, 112, 84, 3), dtype=np.uint8))
+    assert video["grid_sizes"].tolist() == [[6, 10, 8]] and video["pixel_values"].shape[0] == 6 * 10 * 8
 
 
 def test_mixed_merge_sizes_over_budget_scale_all_items():
@@ -152,10 +153,10 @@ def crafted_frames():
 
 
 def test_difffp_on_crafted_frames():
-    processor = IP.Videollama3ImageProcessor(min_tokens=1)
+    processor = VP.Videollama3VideoProcessor(min_tokens=1)
     out = processor([crafted_frames()], merge_size=2, use_token_compression=True)
     assert out["grid_sizes"].tolist() == [[5, 4, 6]]
-    counts = processor.frame_token_counts(out["grid_sizes"], out["merge_sizes"], out["compression_mask"])
+    counts = frame_token_counts(out["grid_sizes"], out["merge_sizes"], out["compression_mask"])
     assert counts == [[6, 1, 1, 6, 1]]
     mask = out["compression_mask"].view(5, 6)
     assert bool(mask[0].all())  # frame 0 whole
@@ -166,14 +167,14 @@ def test_difffp_on_crafted_frames():
 
 @pytest.mark.parametrize("threshold, min_tokens", [(0.1, 1), (0.1, 2), (5.0, 3), (0.0, 1)])
 def test_difffp_matches_native_rule(threshold, min_tokens):
-    processor = IP.Videollama3ImageProcessor(min_tokens=1)
+    processor = VP.Videollama3VideoProcessor(min_tokens=1)
     rng = np.random.default_rng(1)
     frames = crafted_frames()
     frames[1, :10, :10] = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)  # a small change, part of one token
-    items = [frames, media.photo(40, 40), frames[:1]]
+    items = [frames, frames[:1]]
     out = processor(
         items,
-        merge_size=[2, 1, 2],
+        merge_size=2,
         use_token_compression=True,
         compression_threshold=threshold,
         compression_min_tokens=min_tokens,
@@ -185,9 +186,9 @@ def test_difffp_matches_native_rule(threshold, min_tokens):
 
 
 def test_images_and_single_frames_never_pruned():
-    processor = IP.Videollama3ImageProcessor(min_tokens=1)
-    out = processor([media.photo(56, 56), np.zeros((1, 56, 56, 3), np.uint8)], merge_size=[1, 2], use_token_compression=True)
-    assert bool(out["compression_mask"].all())
+    image = IP.Videollama3ImageProcessor(min_tokens=1)([media.photo(56, 56)])
+    frame = VP.Videollama3VideoProcessor(min_tokens=1)(np.zeros((1, 56, 56, 3), np.uint8), use_token_compression=True)
+    assert bool(image["compression_mask"].all()) and bool(frame["compression_mask"].all())
 
 
 # ---- images: loading, modes, EXIF ----------------------------------------------------------------
@@ -223,10 +224,6 @@ def test_every_pil_mode_becomes_rgb(mode):
 def test_transparent_pixels_become_white():
     image = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     assert IP.load_image(image).tolist()[0][0] == [255, 255, 255]
-
-
-def test_pil_height_width_is_the_one_size_helper():
-    assert IP.pil_height_width(Image.new("RGB", (30, 20))) == (20, 30)
 
 
 @pytest.mark.parametrize("kind", ["path", "bytes", "file", "array_hwc", "array_chw", "tensor", "float"])

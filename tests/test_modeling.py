@@ -179,7 +179,7 @@ def test_vision_attention_never_spans_frames(tok, monkeypatch):
     AttentionInterface.register("recording_test", recording)
     torch.manual_seed(8)
     model = M.Videollama3Qwen2ForCausalLM(tiny_config(tok)).eval()
-    model.model.vision_encoder.config._attn_implementation = "recording_test"
+    model.model.vision_encoder.set_attn_implementation("recording_test")
     monkeypatch.setattr(M, "ATTENTION_CHUNK_SCORES", 2 * 24 * 24 * 7)  # 7 frames' scores per call
     items = [video(30, 4, 6), image(6, 6)]
     inputs = our_inputs(tok, [(items, "x")], model.config.image_token_index)
@@ -188,7 +188,7 @@ def test_vision_attention_never_spans_frames(tok, monkeypatch):
     shapes = [shape for shape, _ in seen[:per_layer]]
     assert shapes == [(7, 2, 24, 16)] * 4 + [(2, 2, 24, 16), (1, 2, 36, 16)]
     assert all(mask is None for _, mask in seen)
-    model.model.vision_encoder.config._attn_implementation = "sdpa"
+    model.model.vision_encoder.set_attn_implementation("sdpa")
     assert (logits(model, inputs) - reference).abs().max() < TOL
 
 
@@ -257,6 +257,7 @@ def test_vision_flash_branch_matches_sdpa_with_gradients(tok, monkeypatch):
     sdpa = M.Videollama3Qwen2ForCausalLM(tiny_config(tok))
     flash = M.Videollama3Qwen2ForCausalLM(tiny_config(tok))
     flash.load_state_dict(sdpa.state_dict())
+    # Written directly: set_attn_implementation treats a "flash_attention*" name as a kernel to load.
     flash.model.vision_encoder.config._attn_implementation = "flash_attention_varlen_reference"
     items = [video(7, 4, 6), image(6, 4), video(2, 4, 4, keep_fraction=0.5)]
     inputs = our_inputs(tok, [(items, "x")], sdpa.config.image_token_index)
@@ -509,3 +510,68 @@ def test_vision_rope_rounds_like_the_textbook_form(shape):
     grad = torch.randn_like(ours)
     assert torch.equal(ours, textbook)
     assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (ours, textbook)))
+
+
+def bad_visual_inputs(tok, model):
+    """One image and one video; the visual inputs of a sample the model accepts."""
+    torch.manual_seed(22)
+    return our_inputs(tok, [([image(2, 4), video(2, 4, 4)], "x")], model.config.image_token_index)
+
+
+BAD_VISUAL_INPUTS = {
+    "grid (k,2)": (lambda x: dict(x, grid_sizes=x["grid_sizes"][:, :2]), ValueError,
+                   r"grid_sizes must have shape \(k, 3\), one \[t, h, w\] row per item, got \(2, 2\)"),
+    "grid 1-D": (lambda x: dict(x, grid_sizes=x["grid_sizes"].flatten()), ValueError,
+                 r"grid_sizes must have shape \(k, 3\), one \[t, h, w\] row per item, got \(6,\)"),
+    "grid (k,4)": (lambda x: dict(x, grid_sizes=F.pad(x["grid_sizes"], (0, 1), value=1)), ValueError,
+                   r"grid_sizes must have shape \(k, 3\), one \[t, h, w\] row per item, got \(2, 4\)"),
+    "float grid": (lambda x: dict(x, grid_sizes=x["grid_sizes"].float()), TypeError,
+                   r"grid_sizes must be an integer tensor, got torch.float32"),
+    "merges for 3 items": (lambda x: dict(x, merge_sizes=torch.tensor([1, 2, 2])), ValueError,
+                           r"merge_sizes must have shape \(k,\) with k = 2 items of grid_sizes, got \(3,\)"),
+    "float merges": (lambda x: dict(x, merge_sizes=x["merge_sizes"].float()), TypeError,
+                     r"merge_sizes must be an integer tensor, got torch.float32"),
+    "wrong N": (lambda x: dict(x, pixel_values=x["pixel_values"][:-3]), ValueError,
+                r"pixel_values has 37 patches but grid_sizes describe 40"),
+    "patch width": (lambda x: dict(x, pixel_values=x["pixel_values"][:, :-1]), ValueError,
+                    r"pixel_values must have shape \(N, 588\), got \(40, 587\)"),
+    "integer pixels": (lambda x: dict(x, pixel_values=x["pixel_values"].long()), TypeError,
+                       r"pixel_values must be a floating-point tensor, got torch.int64"),
+    "mask length": (lambda x: dict(x, compression_mask=x["compression_mask"][:-1]), ValueError,
+                    r"compression_mask has 15 entries but the visual inputs give 16 merged tokens"),
+    "float mask": (lambda x: dict(x, compression_mask=x["compression_mask"].float()), TypeError,
+                   r"compression_mask must be a bool tensor, got torch.float32"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VISUAL_INPUTS)
+def test_bad_visual_inputs_raise_naming_input_and_counts(model, tok, case, monkeypatch):
+    """Each malformed processor output is refused at the model's entry, before the vision encoder runs."""
+    make_bad, error, message = BAD_VISUAL_INPUTS[case]
+    ran = []
+    monkeypatch.setattr(model.model.vision_encoder.encoder, "forward", lambda *a: ran.append(1))
+    with pytest.raises(error, match=message):
+        model(**make_bad(bad_visual_inputs(tok, model)))
+    assert not ran
+
+
+def test_custom_attention_function_runs_in_llm_and_vision(tok):
+    """`set_attn_implementation` with a function registered in transformers' AttentionInterface
+    reaches the LLM's and the vision encoder's attention layers, with sdpa's logits."""
+    calls = []
+
+    def counting_sdpa(module, query, key, value, attention_mask, **kwargs):
+        calls.append(type(module).__name__)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("counting_sdpa_test", counting_sdpa)
+    torch.manual_seed(23)
+    model = M.Videollama3Qwen2ForCausalLM(tiny_config(tok)).eval()
+    inputs = our_inputs(tok, [([image(4, 6), video(3, 4, 4, keep_fraction=0.5)], "x")], model.config.image_token_index)
+    reference = logits(model, inputs)
+    model.set_attn_implementation("counting_sdpa_test")
+    assert model.model.vision_encoder.config._attn_implementation == "counting_sdpa_test"
+    assert torch.equal(logits(model, inputs), reference)
+    assert calls.count("Qwen2Attention") == model.config.num_hidden_layers
+    # vision: one call per layer and attention chunk (the 4x6 image, the video's three 4x4 frames)
+    assert calls.count("Videollama3VisionAttention") == 2 * model.config.vision_encoder_config.num_hidden_layers

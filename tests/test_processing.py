@@ -19,6 +19,7 @@ from tools.local import REPO_ROOT, remote_module
 
 P = remote_module("processing_videollama3")
 IP = remote_module("image_processing_videollama3")
+VP = remote_module("video_processing_videollama3")
 IMG = "<image>"
 
 # facts section 7: the official processor's rendering of this conversation.
@@ -215,7 +216,7 @@ def test_image_content_forms(processor, image_file, form):
 
 @pytest.mark.parametrize("form", ["path", "path_key", "array", "frames", "official_in_memory"])
 def test_video_content_forms(processor, six_second_video, form):
-    frames = IP.load_video(six_second_video).frames
+    frames = VP.load_video(six_second_video).frames
     payload = {
         "path": {"video": six_second_video},
         "path_key": {"path": six_second_video},
@@ -311,18 +312,25 @@ def test_decoding(processor):
     ids = processor.tokenizer(["Hello<|im_end|>", "Bye"], padding=True)["input_ids"]
     assert processor.batch_decode(ids, skip_special_tokens=True) == ["Hello", "Bye"]
     assert processor.post_process_image_text_to_text(torch.tensor(ids)) == ["Hello", "Bye"]
-    assert processor.post_process_image_text_to_text(torch.tensor(ids[0])) == ["Hello"]
+    assert processor.post_process_image_text_to_text(torch.tensor(ids[0])) == "Hello"
 
 
-def test_num_visual_tokens_matches_placeholders(processor, six_second_video, image_file):
-    conversation = [{"role": "user", "content": [{"type": "image", "image": image_file}, {"type": "video", "video": six_second_video}]}]
-    counts = processor.num_visual_tokens(conversation)
-    out = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
-    assert sum(counts) == (out["input_ids"] == processor.image_token_id).sum()
-    assert counts[0] == int(out["grid_sizes"][0].prod())
-    assert sum(processor.num_visual_tokens(conversation, max_tokens=24, prune=False)) <= 24
-    alone = processor.num_visual_tokens(images=[image_file])
-    assert len(alone) == 1 and alone[0] >= counts[0]  # alone, the image has the whole budget
+def test_num_multimodal_tokens_equal_the_placeholders_of_an_item_alone(processor, six_second_video, image_file):
+    """What a server (vLLM) asks before processing: tokens of an image, and of a video before DiffFP."""
+    image = [{"role": "user", "content": [{"type": "image", "image": image_file}]}]
+    video = [{"role": "user", "content": [{"type": "video", "video": six_second_video}]}]
+    image_out = processor.apply_chat_template(image, tokenize=True, return_dict=True, return_tensors="pt")
+    video_out = processor.apply_chat_template(video, tokenize=True, return_dict=True, return_tensors="pt",
+                                              use_token_compression=False)
+    t, gh, gw = video_out["grid_sizes"][0].tolist()
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(60, 90)], video_sizes=[(t, 14 * gh, 14 * gw)])
+    assert counts["num_image_tokens"] == [int((image_out["input_ids"] == processor.image_token_id).sum())]
+    assert counts["num_video_tokens"] == [int((video_out["input_ids"] == processor.image_token_id).sum())]
+    assert counts["num_image_patches"] == [1]
+    small = processor._get_num_multimodal_tokens(video_sizes=[(t, 14 * gh, 14 * gw)], max_tokens=6, min_tokens=1)
+    assert small["num_video_tokens"][0] < counts["num_video_tokens"][0]
+    with pytest.raises(TypeError, match="unexpected option"):
+        processor._get_num_multimodal_tokens(image_sizes=[(60, 90)], max_token=24)
 
 
 # ---- loading -----------------------------------------------------------------------------------------
@@ -366,7 +374,7 @@ def official_checkpoint(folder: Path) -> Path:
         )
     )
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": OFFICIAL_STYLE_TEMPLATE}))
-    for name in ("processing_videollama3.py", "image_processing_videollama3.py"):
+    for name in ("processing_videollama3.py", "image_processing_videollama3.py", "video_processing_videollama3.py"):
         shutil.copy(REPO_ROOT / name, folder / name)
     return folder
 
@@ -410,19 +418,19 @@ def test_no_torchvision_needed():
 
 def test_unsupported_content_type(processor):
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]
-    with pytest.raises(ValueError, match="conversation 0 message 0 content 0 has unsupported content type 'audio'"):
+    with pytest.raises(ValueError, match="^message 0 content 0 has unsupported content type 'audio'"):
         processor.apply_chat_template(conversation)
 
 
 @pytest.mark.parametrize(
     "conversation, message",
     [
-        ([{"content": "hi"}], "message 0 needs a string 'role'"),
+        ([{"content": "hi"}], "message 0 must be a dict with a string 'role'"),
         ([{"role": "user", "content": 5}], "message 0 needs 'content' as a string or a list"),
         ([{"role": "user", "content": [5]}], "content 0 must be a dict or a string"),
         (["hello"], "message 0 must be a dict"),
         ([{"role": "user", "content": [{"type": "text"}]}], "text item without a string 'text'"),
-        ([{"role": "user", "content": [{"type": "image", "image": {"path": "x"}}]}], "needs an 'image_path' key"),
+        ([{"role": "user", "content": [{"type": "image", "image": {"path": "x"}}]}], "needs a 'image_path' key"),
         ([{"role": "user", "content": [{"type": "video", "video": {"file": "x"}}]}], "needs a 'video_path' key"),
         ([], "non-empty list of messages"),
     ],
@@ -454,7 +462,7 @@ def test_conversation_and_text_together(processor):
         processor(text="hi", conversation=[{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("key, value, message", [("fps", 0, "fps must be a number > 0"), ("max_frames", 0, "max_frames must be an integer > 0")])
+@pytest.mark.parametrize("key, value, message", [("fps", 0, "fps must be a number > 0"), ("max_frames", 0, "max_frames must be an integer >= 1")])
 def test_bad_per_call_settings(processor, key, value, message):
     with pytest.raises(ValueError, match=message):
         processor(text="hi", **{key: value})

@@ -86,7 +86,7 @@ def test_clip_tokens_keep_what_the_differential_frame_pruner_keeps():
         frames, event = curriculum.make_video(np.random.default_rng(seed))
         sampled = frames[:: curriculum.VIDEO_FPS]  # (T, 112, 112, 3): one frame a second
         patches = IP.Videollama3ImageProcessor().to_patches(sampled, 2)
-        keep = IP.differential_frame_pruning(patches, (len(sampled), 8, 8), 2, 0.1, 1).view(len(sampled), 16)
+        keep = remote_module("video_processing_videollama3").differential_frame_pruning(patches, (len(sampled), 8, 8), 2, 0.1, 1).view(len(sampled), 16)
         clip = scene_pretrain.clip_tokens(event, "plain", len(sampled))
         assert [kept for kept, _ in clip] == [torch.nonzero(k).flatten().tolist() for k in keep]
         for second, (kept, words) in enumerate(clip):

@@ -133,7 +133,7 @@ def test_embedded_default_carries_the_current_remote_code():
     from tools.local import REPO_ROOT
 
     for name in ("configuration_videollama3.py", "modeling_videollama3.py", "processing_videollama3.py",
-                 "image_processing_videollama3.py"):
+                 "image_processing_videollama3.py", "video_processing_videollama3.py"):
         assert (REPO_ROOT / "tiny_model" / name).read_text() == (REPO_ROOT / name).read_text(), name
     assert (REPO_ROOT / "tiny_model" / "README.md").read_text() == (REPO_ROOT / "model_card.md").read_text()
 

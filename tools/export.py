@@ -114,7 +114,7 @@ def export(source, out, dtype: torch.dtype | None = None) -> Path:
         processor = processing.Videollama3Qwen2Processor(image_processing.Videollama3ImageProcessor(), tokenizer)
     else:
         model = model_class.from_pretrained(source, dtype=dtype)
-        processor = processing.Videollama3Qwen2Processor.from_pretrained(source)
+        processor = processing.Videollama3Qwen2Processor.from_pretrained(source, trust_remote_code=True)  # our own files
         # Official folders ship a template without generation markers; ours renders the same bytes
         # and also marks assistant replies, which assistant-only training needs.
         processor.chat_template = processing.CHAT_TEMPLATE

@@ -184,6 +184,7 @@ REMOTE_CODE_FILES = (
     "modeling_videollama3.py",
     "processing_videollama3.py",
     "image_processing_videollama3.py",
+    "video_processing_videollama3.py",
 )
 
 

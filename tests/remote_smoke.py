@@ -1,0 +1,98 @@
+"""Remote-code smoke run: a checkpoint through the Auto classes, one image, one video, one generate.
+
+    python -m tests.remote_smoke tiny_model [--layout ours|official|snapshot]
+
+Prints one JSON line (prompt ids, visual inputs, generated ids, versions). `official` first rewrites
+a copy of the folder's processor files the way official Hub checkpoints lay them out; `snapshot`
+places a copy in a Hub cache (`models--org--name/snapshots/<commit>/`) and loads it by repo id
+offline, which is how the Hub loader sees a downloaded checkpoint. Run it in a fresh process with
+a fresh `HF_MODULES_CACHE` so that no earlier module copy can make it pass.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+MEDIA = Path(__file__).resolve().parent.parent / "examples" / "media"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def official_layout(folder: Path) -> Path:
+    """Rewrite `folder`'s processor files as an official checkpoint has them (preprocessor_config.json,
+    flat processor_config.json, chat_template.json without generation markers)."""
+    from tests.test_image_processing import OFFICIAL_PREPROCESSOR_CONFIG
+    from tests.test_processing import OFFICIAL_STYLE_TEMPLATE
+
+    processor = json.loads((folder / "processor_config.json").read_text())
+    image = dict(OFFICIAL_PREPROCESSOR_CONFIG, **{k: processor["image_processor"][k] for k in ("min_tokens", "max_tokens")})
+    (folder / "preprocessor_config.json").write_text(json.dumps(image))
+    flat = {k: processor[k] for k in ("fps", "max_frames", "image_merge_size", "video_merge_size")}
+    flat.update(auto_map={"AutoProcessor": "processing_videollama3.Videollama3Qwen2Processor"},
+                processor_class="Videollama3Qwen2Processor")
+    (folder / "processor_config.json").write_text(json.dumps(flat))
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": OFFICIAL_STYLE_TEMPLATE}))
+    return folder
+
+
+def snapshot_layout(folder: Path, cache: Path, repo_id: str = "videollama3/tiny") -> str:
+    """Copy `folder` into a Hub cache at `cache` as commit `COMMIT` of `repo_id`; return the repo id."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return repo_id
+
+
+def run(source: str) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True).eval()
+    conversation = [{"role": "user", "content": [
+        {"type": "image", "image": str(MEDIA / "shapes.png")},
+        {"type": "video", "video": str(MEDIA / "shapes.mp4")},
+        {"type": "text", "text": "What appears in the video?"},
+    ]}]
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return {
+        "input_ids": inputs["input_ids"][0].tolist(),
+        "grid_sizes": inputs["grid_sizes"].tolist(),
+        "kept_tokens": int(inputs["compression_mask"].sum()),
+        "pixel_sum": float(inputs["pixel_values"].double().sum()),
+        "generated": generated[0, inputs["input_ids"].shape[1]:].tolist(),
+        "processor_module": type(processor).__module__,
+        "transformers": transformers.__version__,
+        "torchvision_imported": any(name.split(".")[0] == "torchvision" for name in sys.modules),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="a checkpoint folder in this repository's layout, e.g. tiny_model")
+    parser.add_argument("--layout", choices=["ours", "official", "snapshot"], default="ours")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "checkpoint"
+        shutil.copytree(args.folder, folder)
+        source = str(folder)
+        if args.layout == "official":
+            official_layout(folder)
+        elif args.layout == "snapshot":  # before huggingface_hub is imported, which reads these once
+            os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(Path(scratch) / "hub"))
+            source = snapshot_layout(folder, Path(scratch) / "hub")
+        print(json.dumps(run(source)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

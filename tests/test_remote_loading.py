@@ -1,0 +1,51 @@
+"""Remote code as users load it: the Auto classes in a fresh process with a fresh module cache, from a
+local folder, an official-layout folder and a Hub snapshot, all giving the same inputs and tokens."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tools.local import REPO_ROOT, remote_module
+
+
+def smoke(layout: str, tmp_path) -> dict:
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / f"modules-{layout}"), PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "tests.remote_smoke", "tiny_model", "--layout", layout], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The same conversation through this checkout's files imported in-process (no Hub loader)."""
+    processor = remote_module("processing_videollama3").Videollama3Qwen2Processor.from_pretrained(
+        str(REPO_ROOT / "tiny_model"), trust_remote_code=True)
+    media = REPO_ROOT / "examples" / "media"
+    conversation = [{"role": "user", "content": [
+        {"type": "image", "image": str(media / "shapes.png")}, {"type": "video", "video": str(media / "shapes.mp4")},
+        {"type": "text", "text": "What appears in the video?"}]}]
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    model = remote_module("modeling_videollama3").Videollama3Qwen2ForCausalLM.from_pretrained(str(REPO_ROOT / "tiny_model"))
+    with torch.no_grad():
+        generated = model.eval().generate(**inputs, max_new_tokens=4, do_sample=False)
+    return dict(inputs, generated=generated[0, inputs["input_ids"].shape[1]:].tolist())
+
+
+@pytest.mark.parametrize("layout", ["ours", "official", "snapshot"])
+def test_auto_classes_in_a_fresh_process(layout, tmp_path, reference):
+    out = smoke(layout, tmp_path)
+    assert out["input_ids"] == reference["input_ids"][0].tolist()
+    assert out["grid_sizes"] == reference["grid_sizes"].tolist()
+    assert out["kept_tokens"] == int(reference["compression_mask"].sum()) < int(reference["compression_mask"].numel())
+    assert out["pixel_sum"] == pytest.approx(float(reference["pixel_values"].double().sum()), rel=1e-12)
+    assert out["generated"] == reference["generated"] and not out["torchvision_imported"]
+    if layout == "snapshot":  # a Hub snapshot's files share one module folder named by the commit
+        assert out["processor_module"].endswith("videollama3.tiny.0123456789abcdef0123456789abcdef01234567.processing_videollama3")
+    else:
+        assert out["processor_module"].startswith("transformers_modules.checkpoint.")
