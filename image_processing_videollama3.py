@@ -24,10 +24,10 @@ URL_TIMEOUT = 30  # seconds to wait for a media URL
 
 
 class MediaNotFoundError(FileNotFoundError, ValueError):
-    """A media path that does not exist: both a `FileNotFoundError` and a `ValueError`."""
+    """A media path that does not exist."""
 
 
-def merged_tokens(t: int, gh: int, gw: int, m: int) -> int:
+def num_merged_tokens(t: int, gh: int, gw: int, m: int) -> int:
     """Merged tokens of an item of `t` frames of `gh x gw` patches merged by `m`."""
     return t * (gh // m) * (gw // m)
 
@@ -64,7 +64,7 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
     """A PIL image as `(H, W, 3)` uint8 RGB, EXIF orientation applied: transparency on white (what a
     viewer shows), 16/32-bit and float greyscale scaled to 8 bits rather than clipped."""
     image = ImageOps.exif_transpose(image)
-    mode = image.mode
+    mode = image.mode  # before any conversion below
     if mode.startswith("I") or mode == "F":
         values = np.asarray(image, dtype=np.float64)
         if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255):  # 16-bit: 0..65535
@@ -78,8 +78,7 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
 
 def array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     """An image array (HW, HWC or CHW; uint8, bool, integers 0..255 or floats in [0, 1]) as `(H, W, 3)` uint8."""
-    if array.ndim == 2:
-        array = array[:, :, None]  # (H, W, 1)
+    array = array[:, :, None] if array.ndim == 2 else array  # (H, W, 1)
     if array.ndim != 3:
         raise ValueError(f"image {name} must have 2 or 3 dimensions (H, W[, C]), got shape {tuple(array.shape)}")
     if array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
@@ -144,10 +143,6 @@ def resize_frames(frames: np.ndarray, height: int, width: int, resample: int = B
     return np.stack([np.asarray(Image.fromarray(f).resize(size, resample=resample)) for f in frames])  # (T, H', W', 3)
 
 
-def _round_to(value: float, factor: int) -> int:
-    return round(value / factor) * factor
-
-
 def _too_elongated(index, h, w, new_h, new_w, factor, max_tokens, count) -> ValueError:
     return ValueError(
         f"visual item {index} of {w}x{h} pixels (WxH) has aspect ratio {max(h, w) / min(h, w):.0f}:1, too elongated "
@@ -169,15 +164,15 @@ def smart_sizes(shapes, merge_sizes, patch_size: int, min_tokens: int, max_token
         total = sum(t * math.ceil(h / f) * math.ceil(w / f) for (t, h, w), f in zip(shapes, factors))
         beta = math.sqrt(total / max_tokens) if total > max_tokens else None
         sizes = [(max(math.floor(h / beta / f) * f, f), max(math.floor(w / beta / f) * f, f)) if beta
-                 else (max(_round_to(h, f), f), max(_round_to(w, f), f)) for (_, h, w), f in zip(shapes, factors)]
-        if beta and sum(merged_tokens(t, h, w, f) for (t, _, _), (h, w), f in zip(shapes, sizes, factors)) > max_tokens:
+                 else (max(round(h / f) * f, f), max(round(w / f) * f, f)) for (_, h, w), f in zip(shapes, factors)]
+        if beta and sum(num_merged_tokens(t, h, w, f) for (t, _, _), (h, w), f in zip(shapes, sizes, factors)) > max_tokens:
             worst = max(range(len(shapes)), key=lambda i: max(shapes[i][1:]) / min(shapes[i][1:]))
             raise _too_elongated(worst, *shapes[worst][1:], *sizes[worst], factors[worst], max_tokens, len(shapes))
         return sizes
     count, sizes = sum(t for t, _, _ in shapes), []  # frames and images share the budget
     for index, ((_, h, w), f) in enumerate(zip(shapes, factors)):
         budget, minimum = max_tokens * f * f // count, min_tokens * f * f
-        new_h, new_w, scale = _round_to(h, f), _round_to(w, f), 1.0
+        new_h, new_w, scale = round(h / f) * f, round(w / f) * f, 1.0
         if new_h * new_w > budget:
             beta = math.sqrt(h * w / budget)
             new_h, new_w, scale = math.floor(h / beta / f) * f, math.floor(w / beta / f) * f, 1 / beta
@@ -193,9 +188,10 @@ def smart_sizes(shapes, merge_sizes, patch_size: int, min_tokens: int, max_token
     return sizes
 
 
-Videollama3ImageProcessorKwargs = TypedDict("Videollama3ImageProcessorKwargs", {  # official preprocessor_config.json keys
+Videollama3ImageProcessorKwargs = TypedDict("Videollama3ImageProcessorKwargs", {  # official preprocessor_config keys
     "patch_size": int, "min_tokens": int, "max_tokens": int, "resample": int, "do_resize": bool, "do_rescale": bool,
-    "rescale_factor": float, "do_normalize": bool, "image_mean": list, "image_std": list, "do_convert_rgb": bool}, total=False)
+    "rescale_factor": float, "do_normalize": bool, "image_mean": list, "image_std": list, "do_convert_rgb": bool,
+}, total=False)
 
 
 class PixelProcessing:
@@ -205,7 +201,8 @@ class PixelProcessing:
                  rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
                  do_convert_rgb=True, **kwargs):
         super().__init__(**kwargs)
-        for key, value, low in (("patch_size", patch_size, 1), ("min_tokens", min_tokens, 1), ("max_tokens", max_tokens, min_tokens)):
+        for key, value, low in (("patch_size", patch_size, 1), ("min_tokens", min_tokens, 1),
+                                ("max_tokens", max_tokens, min_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
         self.patch_size, self.min_tokens, self.max_tokens, self.resample = patch_size, min_tokens, max_tokens, int(resample)
@@ -213,13 +210,17 @@ class PixelProcessing:
         self.do_normalize, self.image_mean, self.image_std = do_normalize, list(image_mean), list(image_std)
         self.do_convert_rgb = do_convert_rgb  # always converted: the encoder needs 3 channels
 
+    def settings(self, **given) -> list:
+        """Each given setting, or this processor's own where it is None (per-call overrides)."""
+        return [getattr(self, key) if value is None else value for key, value in given.items()]
+
     def pixel_settings(self) -> dict:
         """The settings above, to build a processor that pixelises alike."""
         return {key: getattr(self, key) for key in Videollama3ImageProcessorKwargs.__annotations__}
 
     def target_sizes(self, shapes, merge_sizes, min_tokens=None, max_tokens=None) -> list[tuple[int, int]]:
         """Resized `(H', W')` of each item `(T, H, W)` of one call (see `smart_sizes`)."""
-        min_tokens, max_tokens = [self.__dict__[k] if v is None else v for k, v in (("min_tokens", min_tokens), ("max_tokens", max_tokens))]
+        min_tokens, max_tokens = self.settings(min_tokens=min_tokens, max_tokens=max_tokens)
         for key, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
@@ -234,7 +235,7 @@ class PixelProcessing:
     def num_tokens(self, shapes, merge_sizes, min_tokens=None, max_tokens=None) -> list[int]:
         """Merged tokens of each item `(T, H, W)` before pruning (no pixels needed)."""
         sizes, p = self.target_sizes(shapes, merge_sizes, min_tokens, max_tokens), self.patch_size
-        return [merged_tokens(t, h // p, w // p, m) for (t, _, _), (h, w), m in zip(shapes, sizes, merge_sizes)]
+        return [num_merged_tokens(t, h // p, w // p, m) for (t, _, _), (h, w), m in zip(shapes, sizes, merge_sizes)]
 
     def to_patches(self, frames: np.ndarray, merge_size: int) -> torch.Tensor:
         """uint8 frames `(T, H, W, C)` -> normalised float32 patches `(T*gh*gw, C*P*P)` in merge-block order. The
@@ -295,15 +296,15 @@ class Videollama3ImageProcessor(PixelProcessing, ImageProcessingMixin):
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
 
-    def preprocess(self, images, merge_size=1, sizes=None, min_tokens=None, max_tokens=None, return_tensors="pt") -> BatchFeature:
+    def preprocess(self, images, merge_size=1, sizes=None, min_tokens=None, max_tokens=None, return_tensors="pt"):
         """Images (one or a list, any form `load_image` takes) -> model inputs; `merge_size` an int or one per image."""
         images = [load_image(item) for item in (images if isinstance(images, (list, tuple)) else [images])]
         if not images:
             raise ValueError("images is empty: pass at least one image")
         return self.encode(images, [(1, *image.shape[:2]) for image in images],
                            lambda image, h, w: resize_frames(image[None], h, w, self.resample),
-                           lambda patches, grid, m: torch.ones(merged_tokens(*grid, m), dtype=torch.bool),
+                           lambda patches, grid, m: torch.ones(num_merged_tokens(*grid, m), dtype=torch.bool),
                            merge_size, sizes, min_tokens, max_tokens, return_tensors)
 
 
-__all__ = ["Videollama3ImageProcessor", "MediaNotFoundError", "load_image", "merged_tokens", "pil_to_rgb"]
+__all__ = ["Videollama3ImageProcessor", "MediaNotFoundError", "load_image", "num_merged_tokens", "pil_to_rgb"]

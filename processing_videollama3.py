@@ -18,10 +18,8 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from .image_processing_videollama3 import Videollama3ImageProcessor
 from .video_processing_videollama3 import Videollama3VideoProcessor, as_video_list, check_sampling
 
-SYSTEM_PROMPT = (
-    "You are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help people understand images "
-    "and videos."
-)
+SYSTEM_PROMPT = ("You are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help people "
+                 "understand images and videos.")
 
 # The official template's output byte for byte, plus `{% generation %}` markers around each assistant
 # reply and its `<|im_end|>` for assistant-only loss. It reads the official variables: `add_system_prompt`,
@@ -55,8 +53,8 @@ CHAT_TEMPLATE = (
 
 VIDEO_MARKER = "<video>"
 VIDEO_ITEM_KEYS = ("fps", "max_frames", "start_time", "end_time", "timestamps")
-Videollama3ImagesKwargs = TypedDict("Videollama3ImagesKwargs", {"min_tokens": int, "max_tokens": int, "image_merge_size": int},
-                                    total=False)
+Videollama3ImagesKwargs = TypedDict("Videollama3ImagesKwargs", {
+    "min_tokens": int, "max_tokens": int, "image_merge_size": int}, total=False)
 Videollama3VideosKwargs = TypedDict("Videollama3VideosKwargs", {
     "fps": int | float, "max_frames": int, "video_merge_size": int, "use_token_compression": bool,
     "compression_threshold": int | float, "compression_min_tokens": int}, total=False)
@@ -70,8 +68,8 @@ class Videollama3ProcessorKwargs(ProcessingKwargs, total=False):
     videos_kwargs: Videollama3VideosKwargs
 
 
-OPTIONS = {group: set(typed.__annotations__) - {"return_tensors"} for group, typed in
-           (("text_kwargs", TextKwargs), ("images_kwargs", Videollama3ImagesKwargs), ("videos_kwargs", Videollama3VideosKwargs))}
+OPTIONS = {group: set(typed.__annotations__) - {"return_tensors"} for group, typed in (
+    ("text_kwargs", TextKwargs), ("images_kwargs", Videollama3ImagesKwargs), ("videos_kwargs", Videollama3VideosKwargs))}
 MEDIA_OPTIONS = OPTIONS["images_kwargs"] | OPTIONS["videos_kwargs"]
 OPTION_NAMES = set(OPTIONS) | MEDIA_OPTIONS | OPTIONS["text_kwargs"]  # flat, or grouped as `text_kwargs={...}`
 
@@ -94,15 +92,14 @@ class Videollama3Qwen2Processor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, fps=None, max_frames=None,
                  image_merge_size=1, video_merge_size=2, use_token_compression=None, compression_threshold=None,
                  compression_min_tokens=None, image_token="<image>"):
-        image_processor = image_processor or Videollama3ImageProcessor()
         if tokenizer is None:
             raise ValueError("Videollama3Qwen2Processor needs a tokenizer")
-        video = {"fps": fps, "max_frames": max_frames, "use_token_compression": use_token_compression,
-                 "compression_threshold": compression_threshold, "compression_min_tokens": compression_min_tokens}
-        self.video_processor = Videollama3VideoProcessor(**image_processor.pixel_settings(),
-                                                         **{k: v for k, v in video.items() if v is not None})
-        for key in video:  # saved in processor_config.json, as the official processor does
-            setattr(self, key, getattr(self.video_processor, key))
+        image_processor = image_processor or Videollama3ImageProcessor()
+        video = dict(fps=fps, max_frames=max_frames, use_token_compression=use_token_compression,
+                     compression_threshold=compression_threshold, compression_min_tokens=compression_min_tokens)
+        self.video_processor = Videollama3VideoProcessor(
+            **image_processor.pixel_settings(), **{k: v for k, v in video.items() if v is not None})
+        self.__dict__.update({k: getattr(self.video_processor, k) for k in video})  # saved in processor_config.json
         self.image_merge_size, self.video_merge_size, self.image_token = image_merge_size, video_merge_size, image_token
         self.images_kwargs = {"image_merge_size": image_merge_size}  # this processor's defaults for `_merge_kwargs`
         self.videos_kwargs = {"video_merge_size": video_merge_size, **{k: getattr(self, k) for k in video}}
@@ -137,8 +134,8 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         try:
             if kind == "image":
                 return kind, self.image_processor.fetch_images(payload)
-            defaults = options["videos_kwargs"]
-            return kind, self.video_processor.fetch_videos(payload, **{k: item.get(k, defaults.get(k)) for k in VIDEO_ITEM_KEYS})
+            settings = {k: item.get(k, options["videos_kwargs"].get(k)) for k in VIDEO_ITEM_KEYS}
+            return kind, self.video_processor.fetch_videos(payload, **settings)
         except (ValueError, TypeError) as error:
             raise type(error)(f"{where}: {error}") from None
 
@@ -205,8 +202,9 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         options = self._options(kwargs, "processor(text=...)")
         text = [text] if isinstance(text, str) else text
         if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
-            raise TypeError(f"text must be a string or a list of strings with <image>/<video> markers, got {type(text).__name__}")
-        per_image, per_video = _distribute(images, text, self.image_token, "images"), _distribute(videos, text, VIDEO_MARKER, "videos")
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        per_image = _distribute(images, text, self.image_token, "images")
+        per_video = _distribute(videos, text, VIDEO_MARKER, "videos")
         prompts, visuals_per_sample = [], []
         for index, prompt in enumerate(text):
             given, visuals, out = {"image": iter(per_image[index]), "video": iter(per_video[index])}, [], []
@@ -248,18 +246,16 @@ class Videollama3Qwen2Processor(ProcessorMixin):
                             + ", ".join(f"{k!r} (did you mean {m[0]!r}?)" for k, m in typos.items() if m))
         options = self._options({**given, **processor_kwargs}, "apply_chat_template")
         conversation = getattr(conversation, "messages", conversation)  # the pipelines' Chat objects
-        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], (list, tuple))
+        batched = isinstance(conversation, (list, tuple)) and isinstance(next(iter(conversation), None), (list, tuple))
         conversations = [getattr(c, "messages", c) for c in conversation] if batched else [conversation]
-        spare = _per_sample(spare, len(conversations))
-        rendered, visuals_per_sample = [], []
+        spare, rendered, visuals_per_sample = _per_sample(spare, len(conversations)), [], []
         for sample, messages in enumerate(conversations):
-            count = len(spare[sample])
-            copy, visuals = self._prepare(messages, _where(batched, sample), options, tokenize, spare[sample], template)
-            rendered.append(copy)
-            visuals_per_sample.append(visuals)
+            count, where = len(spare[sample]), f"conversation {sample} " * batched  # an index only in a batch
+            copy, visuals = self._prepare(messages, where, options, tokenize, spare[sample], template)
+            rendered, visuals_per_sample = rendered + [copy], visuals_per_sample + [visuals]
             if spare[sample]:
-                raise ValueError(f"{_where(batched, sample)}the conversation has {count - len(spare[sample])} image items "
-                                 f"without an image but {count} images were given in processor_kwargs['images']")
+                raise ValueError(f"{where}the conversation has {count - len(spare[sample])} image items without an "
+                                 f"image but {count} images were given in processor_kwargs['images']")
         prompts, generation_spans = render_jinja_template(
             conversations=rendered, tools=tools, documents=documents, chat_template=template,
             return_assistant_tokens_mask=return_assistant_tokens_mask, continue_final_message=continue_final_message,
@@ -279,7 +275,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
             raise ValueError("no chat template: pass chat_template or load a processor that has one")
         return template
 
-    def _prepare(self, messages, where, options, load_images, spare_images, template) -> list:
+    def _prepare(self, messages, where, options, load_images, spare_images, template) -> tuple[list, list]:
         """A checked copy of one conversation for the template, and its visual items in prompt order."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError(f"{where}conversation must be a non-empty list of messages, got {type(messages).__name__}")
@@ -300,14 +296,15 @@ class Videollama3Qwen2Processor(ProcessorMixin):
                 at_item = f"{at} content {c_index}"
                 if not isinstance(item, (dict, str)):
                     raise ValueError(f"{at_item} must be a dict or a string, got {type(item).__name__}")
-                item = item if isinstance(item, str) else {k: v for k, v in item.items() if v is not None}  # Arrow's None
-                kind = "string" if isinstance(item, str) else item.get("type") or next((k for k in ("text", "image", "video") if k in item), None)
+                if isinstance(item, str):
+                    items.append(item)
+                    continue
+                item = {k: v for k, v in item.items() if v is not None}  # Arrow fills absent keys with None
+                kind = item.get("type") or next((k for k in ("text", "image", "video") if k in item), None)
                 if kind == "image_url":
                     url = item.get("image_url")
                     item, kind = {"type": "image", "url": url.get("url") if isinstance(url, dict) else url}, "image"
-                if kind == "string":
-                    items.append(item)
-                elif kind == "text":
+                if kind == "text":
                     if not isinstance(item.get("text"), str):
                         raise ValueError(f"{at_item} is a text item without a string 'text'")
                     items.append({"type": "text", "text": item["text"]})
@@ -323,7 +320,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
                         entry["timestamp"] = float(item["timestamp"])
                     items.append(entry)
                 else:
-                    raise ValueError(f"{at_item} has unsupported content type {item.get('type')!r}; expected 'text', 'image' or 'video'")
+                    raise ValueError(f"{at_item} has unsupported content type {kind!r}; expected 'text', 'image' or 'video'")
             copy.append({**message, "content": items})
         return copy, visuals
 
@@ -336,14 +333,10 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         def count(shape, merge):
             return self.image_processor.num_tokens([shape], [merge], images.get("min_tokens"), images.get("max_tokens"))[0]
 
-        return MultiModalData(num_image_tokens=[count((1, *size), images["image_merge_size"]) for size in image_sizes or []],
-                              num_image_patches=[1] * len(image_sizes or []),
-                              num_video_tokens=[count(tuple(size), videos["video_merge_size"]) for size in video_sizes or []])
-
-
-def _where(batched: bool, sample: int) -> str:
-    """How an error points at a conversation: by index only in a batch."""
-    return f"conversation {sample} " if batched else ""
+        image_sizes, video_sizes = image_sizes or [], video_sizes or []
+        return MultiModalData(num_image_tokens=[count((1, *size), images["image_merge_size"]) for size in image_sizes],
+                              num_image_patches=[1] * len(image_sizes),
+                              num_video_tokens=[count(tuple(size), videos["video_merge_size"]) for size in video_sizes])
 
 
 def _assistant_masks(offset_mapping, generation_spans, shifts) -> list[list[int]]:

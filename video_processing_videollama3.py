@@ -18,7 +18,7 @@ from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
 from .image_processing_videollama3 import (URL_TIMEOUT, PixelProcessing, Videollama3ImageProcessorKwargs, describe,
-                                          load_image, local_path, merged_tokens, resize_frames)
+                                          load_image, local_path, num_merged_tokens, resize_frames)
 
 # Below this many pixels a picture decodes faster on one thread (starting the decoder's threads
 # costs more than they save); larger pictures take PyAV's frame + slice threads. Same pixels either way.
@@ -158,7 +158,7 @@ def _decode(source, name, pts: list, seek: bool, rotation: int, height=None, wid
                     if next_pick == len(pts):
                         return out
         except av.error.FFmpegError as error:
-            raise ValueError(f"video {name} is corrupt or truncated (decoding failed after {filled} frames: {error})") from None
+            raise ValueError(f"video {name} is corrupt or truncated ({filled} frames decoded, then: {error})") from None
     if height is None:
         raise ValueError(f"video {name} has no decodable video frames")
     raise ValueError(f"video {name}: {len(pts)} frames were listed by the container but only {filled} could be "
@@ -168,12 +168,10 @@ def _decode(source, name, pts: list, seek: bool, rotation: int, height=None, wid
 def probe_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None) -> SampledVideo:
     """Demux a video file without decoding, choose the frames shown at `fps` (at most `max_frames`,
     spread by linspace, each keeping its true time) and decode one frame for size and rotation."""
-    name = describe(source)
-    if isinstance(source, (str, os.PathLike)):
-        text = str(source)
-        source = text if "://" in text and not text.startswith("file://") else local_path(source, "video")
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        source = bytes(source)
+    name, text = describe(source), str(source)
+    if isinstance(source, (str, os.PathLike)) and ("://" not in text or text.startswith("file://")):
+        source = local_path(source, "video")  # URLs go to FFmpeg as they are
+    source = bytes(source) if isinstance(source, (bytearray, memoryview)) else source
     with _open(source, name) as container:
         stream = _video_stream(container, name)
         time_base, pts = float(stream.time_base), []
@@ -202,11 +200,19 @@ def probe_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None)
                         lambda h, w: _decode(source, name, chosen, seek, rotation, h, w), metadata)
 
 
-def frames_video(frames, timestamps=None, fps=1.0, max_frames=180, start_time=None, end_time=None, name="<frames>"):
-    """Frames already in memory (`(T, H, W, C)` or `(T, C, H, W)` array or tensor, or a list of images),
-    taken as sampled at `fps` unless `timestamps` gives their times; trimmed and thinned like a file."""
-    if isinstance(frames, torch.Tensor):
-        frames = frames.detach().cpu().numpy()
+def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, timestamps=None) -> SampledVideo:
+    """A video sampled at `fps` with PyAV (a path or URL, bytes, a file object), or frames already in memory (a
+    `(T, H, W, C)` or `(T, C, H, W)` array or tensor, a list of frames) taken as sampled at `fps` unless `timestamps`
+    gives their seconds. Frames are those shown at start, start + 1/fps, ...; over `max_frames`, linspace picks
+    that many. A clip shorter than one sampling interval still gives one frame."""
+    name = describe(source)
+    check_sampling(fps, max_frames, start_time, end_time, name)
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        return probe_video(source, fps, max_frames, start_time, end_time)
+    if not isinstance(source, (np.ndarray, torch.Tensor, list, tuple)):
+        raise TypeError(f"unsupported video input of type {type(source).__name__}; expected a path, URL, bytes, "
+                        "file object, (T, H, W, 3) array or list of frames")
+    frames = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4:
             raise ValueError(f"video {name} array must have shape (T, H, W, 3), got {tuple(frames.shape)}")
@@ -237,20 +243,6 @@ def frames_video(frames, timestamps=None, fps=1.0, max_frames=180, start_time=No
     return SampledVideo([timestamps[i] for i in keep], rgb.shape[:3], lambda h, w: resize_frames(rgb, h, w), metadata)
 
 
-def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, timestamps=None) -> SampledVideo:
-    """A video sampled at `fps` with PyAV (a path or URL, bytes, a file object), or frames already in memory (a
-    `(T, H, W, 3)` array or tensor, a list of frames; `timestamps` their seconds). Frames are those shown at
-    start, start + 1/fps, ...; over `max_frames`, linspace picks that many. A short clip still gives one frame."""
-    name = describe(source)
-    check_sampling(fps, max_frames, start_time, end_time, name)
-    if isinstance(source, (np.ndarray, torch.Tensor, list, tuple)):
-        return frames_video(source, timestamps, fps, max_frames, start_time, end_time, name)
-    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(source, "read"):
-        return probe_video(source, fps, max_frames, start_time, end_time)
-    raise TypeError(f"unsupported video input of type {type(source).__name__}; expected a path, URL, bytes, "
-                    "file object, (T, H, W, 3) array or list of frames")
-
-
 def as_video_list(videos) -> list:
     """`videos` as a list of videos; one video may be a path, an array or a list of frames."""
     if not isinstance(videos, (list, tuple)):
@@ -259,16 +251,13 @@ def as_video_list(videos) -> list:
     return [list(videos)] if one else list(videos)
 
 
-def differential_frame_pruning(patches: torch.Tensor, grid, merge_size: int, threshold: float, min_tokens: int) -> torch.Tensor:
-    """DiffFP keep-mask `(T*gh/m*gw/m,)` of one video's normalised patches `(T*gh*gw, D)` (merge-block order).
-
-    Frame 0 is kept whole; a later merged token is kept when its mean absolute change from the
-    previous frame, in 0..255 pixel units, exceeds `threshold`; a frame keeping fewer than
-    `min_tokens` keeps its first `min_tokens` tokens (token order, not the most changed); None keeps all.
-    """
+def differential_frame_pruning(patches: torch.Tensor, grid, merge_size: int, threshold: float, min_tokens) -> torch.Tensor:
+    """DiffFP keep-mask `(T*gh/m*gw/m,)` of one video's normalised patches `(T*gh*gw, D)` in merge-block order: frame
+    0 whole; a later merged token where its mean absolute change from the previous frame (0..255 units) exceeds
+    `threshold`; a frame keeping fewer than `min_tokens` keeps its first ones (in order); `min_tokens` False keeps all."""
     t, gh, gw = (int(v) for v in grid)
-    per_frame = merged_tokens(1, gh, gw, merge_size)
-    if t == 1 or min_tokens is None:
+    per_frame = num_merged_tokens(1, gh, gw, merge_size)
+    if t == 1 or min_tokens is False:
         return torch.ones(t * per_frame, dtype=torch.bool)
     tokens = patches.view(t, per_frame, -1)  # (T, gh/m*gw/m, m*m*D): a merged token's patches are contiguous
     change = torch.sub(tokens[1:], tokens[:-1]).abs_().mean(dim=-1) * 255  # (T-1, gh/m*gw/m)
@@ -296,26 +285,23 @@ class Videollama3VideoProcessor(PixelProcessing, VideoProcessorMixin):
                  compression_min_tokens=1, **kwargs):
         super().__init__(**kwargs)
         check_sampling(fps, max_frames)
-        if isinstance(compression_min_tokens, bool) or not isinstance(compression_min_tokens, int) or compression_min_tokens < 0:
-            raise ValueError(f"compression_min_tokens must be an integer >= 0, got {compression_min_tokens!r}")
         self.fps, self.max_frames, self.use_token_compression = fps, max_frames, use_token_compression
         self.compression_threshold, self.compression_min_tokens = compression_threshold, compression_min_tokens
 
-    def fetch_videos(self, video, fps=None, max_frames=None, start_time=None, end_time=None, timestamps=None) -> SampledVideo:
+    def fetch_videos(self, video, fps=None, max_frames=None, start_time=None, end_time=None, timestamps=None):
         """One video (any form `load_video` takes) sampled at this processor's `fps` / `max_frames` unless given."""
-        fps, max_frames = self.fps if fps is None else fps, self.max_frames if max_frames is None else max_frames
-        return load_video(video, fps, max_frames, start_time, end_time, timestamps)
+        return load_video(video, *self.settings(fps=fps, max_frames=max_frames), start_time, end_time, timestamps)
 
     def preprocess(self, videos, merge_size=2, sizes=None, min_tokens=None, max_tokens=None, use_token_compression=None,
                    compression_threshold=None, compression_min_tokens=None, return_tensors="pt") -> BatchFeature:
         """Videos (a `SampledVideo`, anything `fetch_videos` takes, or a list of them) -> model inputs;
         `merge_size` an int or one per video, `sizes` `(H', W')` per video when the caller shares the budget."""
         items = [v if hasattr(v, "frames_at") else self.fetch_videos(v) for v in as_video_list(videos)]  # duck-typed
-        prune = self.use_token_compression if use_token_compression is None else use_token_compression
-        threshold = self.compression_threshold if compression_threshold is None else compression_threshold
-        minimum = self.compression_min_tokens if compression_min_tokens is None else compression_min_tokens
+        prune, threshold, least = self.settings(use_token_compression=use_token_compression,
+                                                compression_threshold=compression_threshold,
+                                                compression_min_tokens=compression_min_tokens)
         return self.encode(items, [video.shape for video in items], lambda video, h, w: video.frames_at(h, w),
-                           lambda patches, grid, m: differential_frame_pruning(patches, grid, m, threshold, minimum if prune else None),
+                           lambda patches, grid, m: differential_frame_pruning(patches, grid, m, threshold, prune and least),
                            merge_size, sizes, min_tokens, max_tokens, return_tensors)
 
 

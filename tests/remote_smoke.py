@@ -1,6 +1,6 @@
 """Remote-code smoke run: a checkpoint through the Auto classes, one image, one video, one generate.
 
-    python -m tests.remote_smoke tiny_model [--layout ours|official|snapshot]
+    python -m tests.remote_smoke tiny_model [--layout ours|official|snapshot|all]
 
 Prints one JSON line (prompt ids, visual inputs, generated ids, versions). `official` first rewrites
 a copy of the folder's processor files the way official Hub checkpoints lay them out; `snapshot`
@@ -13,12 +13,14 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 MEDIA = Path(__file__).resolve().parent.parent / "examples" / "media"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LAYOUTS = ("ours", "official", "snapshot")
 
 
 def official_layout(folder: Path) -> Path:
@@ -76,11 +78,36 @@ def run(source: str) -> dict:
     }
 
 
+def all_layouts(folder: str) -> int:
+    """Each layout in a fresh process with a fresh module cache; they must agree on every output."""
+    results = {}
+    for layout in LAYOUTS:
+        with tempfile.TemporaryDirectory() as modules:
+            env = dict(os.environ, HF_MODULES_CACHE=modules)
+            done = subprocess.run([sys.executable, "-m", "tests.remote_smoke", folder, "--layout", layout], env=env,
+                                  capture_output=True, text=True)
+        if done.returncode:
+            print(f"remote-code smoke, layout {layout}: failed\n{done.stderr[-4000:]}", file=sys.stderr)
+            return 1
+        results[layout] = json.loads(done.stdout.strip().splitlines()[-1])
+    keys = ("input_ids", "grid_sizes", "kept_tokens", "pixel_sum", "generated")
+    first = results["ours"]
+    disagree = [f"{layout} {key}" for layout, out in results.items() for key in keys if out[key] != first[key]]
+    disagree += [f"{layout} imported torchvision" for layout, out in results.items() if out["torchvision_imported"]]
+    print(f"remote-code smoke, transformers {first['transformers']}: layouts {', '.join(LAYOUTS)} "
+          + (f"disagree: {disagree}" if disagree else f"agree ({len(first['input_ids'])} prompt tokens, "
+             f"{first['kept_tokens']} visual tokens kept, generated {first['generated']})"))
+    return 1 if disagree else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="a checkpoint folder in this repository's layout, e.g. tiny_model")
-    parser.add_argument("--layout", choices=["ours", "official", "snapshot"], default="ours")
+    parser.add_argument("--layout", choices=LAYOUTS + ("all",), default="ours",
+                        help="'all': each layout in its own fresh process, which must all agree")
     args = parser.parse_args(argv)
+    if args.layout == "all":
+        return all_layouts(args.folder)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "checkpoint"
         shutil.copytree(args.folder, folder)

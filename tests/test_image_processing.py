@@ -270,6 +270,44 @@ def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="decompression-bomb") as error:
         IP.load_image(str(path))
     assert str(path) in str(error.value)
+    # One limit quoted, the one in force (Pillow's own message names twice it for errors).
+    assert "MAX_IMAGE_PIXELS = 1000)" in str(error.value) and "2000" not in str(error.value)
+
+
+@pytest.fixture
+def http_server():
+    """A loopback HTTP server: /ok.png answers a PNG, anything else 404."""
+    import http.server
+    import threading
+
+    png = io.BytesIO()
+    media.photo(28, 42).save(png, format="PNG")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body, status = (png.getvalue(), 200) if self.path == "/ok.png" else (b"missing", 404)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_image_urls_load_or_name_the_url_and_the_failure(http_server):
+    assert IP.load_image(f"{http_server}/ok.png").shape == (28, 42, 3)
+    with pytest.raises(ValueError, match=rf"image URL {http_server}/gone.png answered HTTP 404"):
+        IP.load_image(f"{http_server}/gone.png")
+    closed = http_server.rsplit(":", 1)[0] + ":9"  # the discard port: nothing listens on loopback
+    with pytest.raises(ValueError, match=rf"image URL {closed}/a.png could not be fetched: .*refused"):
+        IP.load_image(f"{closed}/a.png")
 
 
 def test_missing_image_file(tmp_path):

@@ -462,10 +462,50 @@ def test_conversation_and_text_together(processor):
         processor(text="hi", conversation=[{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("key, value, message", [("fps", 0, "fps must be a number > 0"), ("max_frames", 0, "max_frames must be an integer >= 1")])
+@pytest.mark.parametrize("key, value, message", [("fps", 0, "fps must be a number > 0"), ("max_frames", 0, "max_frames must be an integer > 0")])
 def test_bad_per_call_settings(processor, key, value, message):
     with pytest.raises(ValueError, match=message):
         processor(text="hi", **{key: value})
+
+
+def test_more_images_than_image_items_is_an_error(processor):
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    two = [media.photo(28, 28), media.photo(28, 28)]
+    with pytest.raises(ValueError, match=r"has 1 image items without an image but 2 images were given"):
+        processor.apply_chat_template(conversation, tokenize=True, processor_kwargs={"images": two})
+    batch = [conversation, conversation]
+    with pytest.raises(ValueError, match=r"^conversation 1 the conversation has 1 image items .* but 2 images"):
+        processor.apply_chat_template(batch, tokenize=True, processor_kwargs={"images": [two[:1], two]})
+
+
+@pytest.mark.parametrize("call", ["conversation", "text", "chat"])
+def test_unknown_options_are_type_errors_on_every_call_path(processor, call):
+    conversation = [{"role": "user", "content": "hi"}]
+    with pytest.raises(TypeError, match="max_frame"):
+        if call == "conversation":
+            processor(conversation=conversation, max_frame=2)
+        elif call == "text":
+            processor(text="hi", max_frame=2)
+        else:
+            processor.apply_chat_template(conversation, tokenize=True, max_frame=2)
+    with pytest.raises(TypeError, match=r"videos_kwargs\['fsp'\]"):
+        processor(text="hi", videos_kwargs={"fsp": 2})
+
+
+def test_template_variables_still_reach_the_template(processor):
+    template = "{% for m in messages %}{{ greeting }} {{ m['content'] }}{% endfor %}"
+    assert processor.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template, greeting="Hey") == "Hey hi"
+    # generation settings a pipeline passes along are no template variables and no typos: ignored as in transformers
+    assert processor.apply_chat_template([{"role": "user", "content": "hi"}], do_sample=False).startswith("<|im_start|>user")
+
+
+def test_unknown_roles_are_refused_with_the_allowed_list(processor):
+    with pytest.raises(ValueError, match=r"message 0 has role 'usr'; the chat template knows \['system', 'user', 'assistant', 'stream'\]"):
+        processor.apply_chat_template([{"role": "usr", "content": "hi"}])
+    official = processor.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=OFFICIAL_STYLE_TEMPLATE)
+    assert official.startswith("<|im_start|>user")
+    with pytest.raises(ValueError, match=r"knows \['system', 'user', 'assistant'\]$"):
+        processor.apply_chat_template([{"role": "stream", "content": "hi"}], chat_template=OFFICIAL_STYLE_TEMPLATE)
 
 
 def test_trl_collator_assistant_only_loss(processor):

@@ -26,8 +26,18 @@ from trainer import (
     stage_preset,
 )
 from trainer.config import STAGES
-from trainer.data import INDEX_COLUMN, RECORD_COLUMN, SampleCache, to_conversation
-from trainer.trainers import copy_remote_code, module_parameters, register_auto_classes
+from trainer.data import (
+    INDEX_COLUMN,
+    RECORD_COLUMN,
+    SKIP_GUARD_MIN_ROWS,
+    SampleCache,
+    SampleEncoder,
+    SampleError,
+    TooManySkippedError,
+    to_conversation,
+)
+from trainer.checkpoint import copy_remote_code, register_auto_classes
+from trainer.trainers import module_parameters
 
 REPLIES = ["Grey noise.", "A square slides right.", "Hello there!", "Both are synthetic.", "Yes."]
 
@@ -321,7 +331,7 @@ def test_missing_media_names_index_and_path(tmp_path, media_root, processor):
         STAGE_TRAINERS[3](model=tiny_model(processor), args=args, train_dataset=records(rows), processing_class=processor)
     assert raised.value.index == 2
     # Under "skip" the row is dropped (counted and logged) before training starts.
-    args = train_args(tmp_path, media_root, media_error_policy="skip")
+    args = train_args(tmp_path, media_root, media_error_policy="skip", max_skipped_fraction=0.5)
     trainer = STAGE_TRAINERS[3](model=tiny_model(processor), args=args, train_dataset=records(rows),
                                 processing_class=processor)
     assert sorted(trainer.train_dataset[INDEX_COLUMN]) == [0, 1, 3]
@@ -426,7 +436,7 @@ def snapshot(model):
 def test_one_step_changes_exactly_the_stage_modules(tmp_path, media_root, processor, stage):
     model = tiny_model(processor)
     dataset = records([official_rows()[3]] * 2)  # image + video: every module gets gradients
-    args = train_args(tmp_path, media_root, stage=stage)
+    args = train_args(tmp_path, media_root, stage=stage, lr_scheduler_type="constant")
     trainer = STAGE_TRAINERS[stage](model=model, args=args, train_dataset=dataset, processing_class=processor)
     groups = module_parameters(model)
     owner = {id(p): name for name, params in groups.items() for p in params}
@@ -442,6 +452,10 @@ def test_one_step_changes_exactly_the_stage_modules(tmp_path, media_root, proces
         assert module in trainable and group["initial_lr"] == expected_lrs[module]
         assert group["weight_decay"] == (0.0 if group["name"].endswith("no_decay") else args.weight_decay)
     assert {g["name"].split(".")[0] for g in trainer.optimizer.param_groups} == trainable
+    # Each trained module's learning rate is logged, not only the first group's.
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert {k: v for k, v in logged.items() if k.startswith("learning_rate/")} == {
+        f"learning_rate/{m}": lr for m, lr in expected_lrs.items()}
 
 
 def test_loss_falls_over_30_steps(tmp_path, media_root, processor):
@@ -530,7 +544,9 @@ def save_base(model, processor, folder):
     return str(folder)
 
 
-def test_lora_step_save_reload_merge(tmp_path, media_root, processor):
+def test_lora_step_save_reload_merge(tmp_path, media_root, processor, caplog):
+    import logging
+
     from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -540,10 +556,17 @@ def test_lora_step_save_reload_merge(tmp_path, media_root, processor):
     args = train_args(tmp_path, media_root, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                       learning_rate=1e-2, llm_learning_rate=1e-2, projector_learning_rate=1e-2)
     dataset = records([official_rows()[3]] * 2)
+    caplog.set_level(logging.INFO, logger="trainer")
     trainer = STAGE_TRAINERS[3](model=model, args=args, train_dataset=dataset, processing_class=processor)
+    counts = [r.args[1] for r in caplog.records if r.getMessage().startswith("trainable parameters per module (LoRA")]
+    assert counts and counts[0]["llm"] > 0 and counts[0]["vision_encoder"] == 0, counts
+    assert counts[0]["mm_projector"] > 0  # trained fully (modules_to_save)
     trainer.train()
     adapter_dir = tmp_path / "adapter"
     trainer.save_model(str(adapter_dir))
+    card = (adapter_dir / "README.md").read_text()
+    assert "library_name: peft" in card and "PeftModel.from_pretrained(base, path)" in card
+    assert f'AutoModelForImageTextToText.from_pretrained("{base_dir}"' in card and "| `lora_r` | `4` |" in card
 
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as handle:
         keys = list(handle.keys())
@@ -612,3 +635,118 @@ def test_qlora_is_refused_without_cuda(tmp_path):
     args = Videollama3SFTConfig(output_dir=str(tmp_path), lora=True, load_in_4bit=True, use_cpu=True)
     with pytest.raises(RuntimeError, match="QLoRA .*CUDA"):
         load_model(str(tmp_path), args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: the skipped-rows guard, tag counts, empty files, stage-1 LoRA
+
+
+def test_skipped_rows_guard_before_training_names_the_first_errors(tmp_path, media_root, processor):
+    rows = official_rows()
+    for i in (0, 1, 3):  # every media row: only the text row would train
+        rows[i] = {**rows[i], "image": [f"gone{i}.png"] * ("image" in rows[i]), "video": [f"gone{i}.mp4"] * ("video" in rows[i])}
+    args = train_args(tmp_path, media_root, media_error_policy="skip")
+    with pytest.raises(TooManySkippedError, match=r"skipped 3 of 4 rows before training \(75\.0%\), more than "
+                                                  r"max_skipped_fraction=5\.0%.*sample 0 \(media '.*gone0\.png'\): "
+                                                  r"media file not found"):
+        STAGE_TRAINERS[3](model=tiny_model(processor), args=args, train_dataset=records(rows), processing_class=processor)
+
+
+def test_skipped_rows_guard_while_encoding(tmp_path, media_root, processor):
+    rows = [{**official_rows()[1], "video": ["broken.mp4"]}, official_rows()[2]] * SKIP_GUARD_MIN_ROWS
+    dataset = records(rows)
+    collator = build_collator(processor, train_args(tmp_path, media_root, media_error_policy="skip"), dataset)
+    with pytest.raises(TooManySkippedError, match=r"rows while encoding .*first errors: sample 0 \(media '.*broken\.mp4'\)"):
+        for start in range(0, len(dataset), 2):
+            collator([dataset[start], dataset[start + 1]])
+    assert collator.encoded >= SKIP_GUARD_MIN_ROWS
+    # Below the minimum count nothing stops, at the limit nothing stops either.
+    lenient = build_collator(processor, train_args(tmp_path, media_root, media_error_policy="skip",
+                                                   max_skipped_fraction=0.5), dataset)
+    for start in range(0, len(dataset), 2):
+        lenient([dataset[start], dataset[start + 1]])
+    assert sum(lenient.skipped.values()) == len(dataset) // 2
+
+
+def test_skipped_rows_guard_at_the_end_of_a_short_run(tmp_path, media_root, processor):
+    rows = official_rows()
+    rows[1] = {**rows[1], "video": ["broken.mp4"]}  # exists, fails only when decoded
+    args = train_args(tmp_path, media_root, media_error_policy="skip", per_device_train_batch_size=4)
+    trainer = STAGE_TRAINERS[3](model=tiny_model(processor), args=args, train_dataset=records(rows),
+                                processing_class=processor)
+    with pytest.raises(TooManySkippedError, match=r"skipped 1 of \d+ rows while encoding"):
+        trainer.train()
+
+
+def test_more_tags_than_media_is_skipped_under_skip_and_names_file_and_row_under_fail(tmp_path, media_root, processor):
+    rows = official_rows()
+    rows[0] = {**rows[0], "conversations": [{"from": "human", "value": "<image>\n<image>\nTwo?"},
+                                            {"from": "gpt", "value": "No."}]}
+    data = write_jsonl(tmp_path / "tags.jsonl", rows)
+    dataset = load_records(data)
+    with pytest.raises(SampleError, match=rf"{data}, sample 0: has 2 <image> tags but 1 image entries"):
+        STAGE_TRAINERS[3](model=tiny_model(processor), args=train_args(tmp_path, media_root), train_dataset=dataset,
+                          processing_class=processor)
+    args = train_args(tmp_path, media_root, media_error_policy="skip", max_skipped_fraction=0.5)
+    trainer = STAGE_TRAINERS[3](model=tiny_model(processor), args=args, train_dataset=dataset, processing_class=processor)
+    assert sorted(trainer.train_dataset[INDEX_COLUMN]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("empty.json", ""), ("list.json", "[]"),
+                                          ("blank.jsonl", "\n\n")])
+def test_a_data_file_without_rows_says_so(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"no training rows in {path}"):
+        load_records(str(path))
+
+
+def test_stage1_lora_points_at_lora_vision():
+    with pytest.raises(ValueError, match="stage 1 freezes the LLM .*--lora_vision"):
+        stage_config(1, output_dir="x", use_cpu=True, lora=True)
+    config = stage_config(1, output_dir="x", use_cpu=True, lora=True, lora_vision=True)
+    assert config.lora_vision
+
+
+def test_presets_use_bf16_only_where_the_device_has_it():
+    assert stage_preset(3)["bf16"] is None  # the official bf16, resolved per device
+    config = stage_config(3, output_dir="x")
+    assert config.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_processor_defaults_are_not_restated_by_the_trainer(processor):
+    """fps, max_frames, the token budget, merge sizes and DiffFP are the processor's unless a recipe sets them."""
+    assert SampleEncoder(processor).processor_kwargs() == {}
+    config = Videollama3SFTConfig(output_dir="x", use_cpu=True)
+    encoder = build_collator(processor, config).encoder
+    assert encoder.processor_kwargs() == {}
+    preset = stage_config(3, output_dir="x", use_cpu=True)
+    assert build_collator(processor, preset).encoder.processor_kwargs() == {
+        "fps": 1.0, "max_frames": 180, "image_merge_size": 1, "video_merge_size": 2, "max_tokens": 10240,
+        "use_token_compression": True}
+
+
+def test_trainer_modules_import_without_a_circle():
+    """No module of `trainer/` imports another inside a function (how circles hide) and the
+    module-level imports form no cycle; no private argparse/logging workarounds."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "trainer"
+    graph = {}
+    for file in package.glob("*.py"):
+        tree = ast.parse(file.read_text())
+        top = {node for node in tree.body if isinstance(node, ast.ImportFrom)}
+        nested = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level and node not in top]
+        assert not nested, f"{file.name} imports {[n.module for n in nested]} inside a function"
+        graph[file.stem] = {node.module for node in top if node.level and node.module}
+        source = file.read_text()
+        assert "._actions" not in source and "logging.Filter" not in source, file.name
+
+    def visit(module, path):
+        assert module not in path, f"import circle: {' -> '.join([*path, module])}"
+        for imported in graph.get(module, ()):
+            visit(imported, [*path, module])
+
+    for module in graph:
+        visit(module, [])

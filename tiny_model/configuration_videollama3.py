@@ -10,7 +10,7 @@ from transformers import Qwen2Config
 from transformers.configuration_utils import PreTrainedConfig
 
 # Every class a user reaches through an Auto class. `save_pretrained` writes only the entry of the
-# object being saved, so the whole map lives in the config (see hf-ecosystem-notes 1.3).
+# object being saved (transformers' `custom_object_save`), so the whole map lives in the config.
 AUTO_MAP = {
     "AutoConfig": "configuration_videollama3.Videollama3Qwen2Config",
     "AutoModel": "modeling_videollama3.Videollama3Qwen2ForCausalLM",
@@ -29,6 +29,16 @@ class Videollama3VisionEncoderConfig(PreTrainedConfig):
 
     model_type = "videollama3_vision_encoder"
     base_config_key = "vision_encoder_config"
+    # Tensor parallelism: heads split across ranks (q/k/v by column, out_proj by row: one all-reduce
+    # per attention) and the MLP likewise; patch embedding and layer norms are small and replicated.
+    base_model_tp_plan = {
+        "encoder.layers.*.self_attn.q_proj": "colwise",
+        "encoder.layers.*.self_attn.k_proj": "colwise",
+        "encoder.layers.*.self_attn.v_proj": "colwise",
+        "encoder.layers.*.self_attn.out_proj": "rowwise",
+        "encoder.layers.*.mlp.fc1": "colwise",
+        "encoder.layers.*.mlp.fc2": "rowwise",
+    }
 
     hidden_size: int = 1152
     intermediate_size: int = 4304
@@ -58,6 +68,9 @@ class Videollama3Qwen2Config(Qwen2Config):
 
     model_type = "videollama3_qwen2"
     sub_configs = {"vision_encoder_config": Videollama3VisionEncoderConfig}
+    # Tensor parallelism: Qwen2's plan (inherited) for the LLM; the vision encoder's plan is on its
+    # own config. The projector stays replicated: 0.2% of the 7B's weights, and plan names read
+    # digits as `*`, so its official keys `readout.0` / `readout.2` cannot take different styles.
 
     vision_encoder_config: dict | PreTrainedConfig | None = None
     image_token_index: int = 151665

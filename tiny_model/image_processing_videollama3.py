@@ -1,11 +1,8 @@
-"""VideoLLaMA3 image processor: image loading, any-resolution resize (AVT) and patchify.
+"""VideoLLaMA3 image processor: image loading, any-resolution resize (AVT) and patchify (Pillow, NumPy, torch).
 
-Pillow, NumPy and torch only. The video processor reuses the sizing and patchify parts below.
-
-Shape letters used in every file of this repository:
-    T frames of an item (1 for an image), H/W pixel height/width, C = 3 channels, P patch size,
-    gh/gw = H/P, W/P (patch grid), m merge size, N patches, D = C*P*P, M merged tokens of a call
-    (sum of T*(gh/m)*(gw/m)), K kept merged tokens (after DiffFP).
+Shape letters of every file here: T frames of an item (1 for an image), H/W pixel height/width, C = 3 channels,
+P patch size, gh/gw = H/P, W/P (patch grid), m merge size, N patches of a call, D = C*P*P, M merged tokens of a
+call (sum of T*(gh/m)*(gw/m)), K kept merged tokens (after DiffFP).
 """
 
 import io
@@ -23,27 +20,23 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import ImageProcessingMixin
 
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value official preprocessor_config.json stores
-URL_TIMEOUT = 30  # seconds to wait for an image or video URL before giving up
+URL_TIMEOUT = 30  # seconds to wait for a media URL
 
 
 class MediaNotFoundError(FileNotFoundError, ValueError):
-    """A media path that does not exist: both a `FileNotFoundError` and a `ValueError`."""
+    """A media path that does not exist."""
 
 
-def merged_tokens(t: int, gh: int, gw: int, m: int) -> int:
+def num_merged_tokens(t: int, gh: int, gw: int, m: int) -> int:
     """Merged tokens of an item of `t` frames of `gh x gw` patches merged by `m`."""
     return t * (gh // m) * (gw // m)
 
 
 def describe(source) -> str:
     """A short name of a media source for error messages."""
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"<{len(source)} bytes>"
-    if hasattr(source, "read"):
-        return f"<file object {getattr(source, 'name', type(source).__name__)}>"
-    return f"<{type(source).__name__}>"
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return str(source) if isinstance(source, (str, os.PathLike)) else f"<{len(source)} bytes>"
+    return f"<file object {getattr(source, 'name', '')}>" if hasattr(source, "read") else f"<{type(source).__name__}>"
 
 
 def local_path(source, kind: str) -> str:
@@ -63,39 +56,29 @@ def fetch_url(url: str, kind: str) -> bytes:
             return response.read()
     except urllib.error.HTTPError as error:
         raise ValueError(f"{kind} URL {url} answered HTTP {error.code} ({error.reason})") from None
-    except (urllib.error.URLError, OSError) as error:
+    except OSError as error:  # URLError, timeouts and refused connections
         raise ValueError(f"{kind} URL {url} could not be fetched: {getattr(error, 'reason', error)}") from None
 
 
-def pil_height_width(image: Image.Image) -> tuple[int, int]:
-    """The one place that turns PIL's `(width, height)` into `(height, width)`."""
-    width, height = image.size
-    return height, width
-
-
-def pil_to_rgb(image: Image.Image) -> Image.Image:
-    """EXIF orientation applied, any mode as 8-bit RGB: transparency on white (what a viewer shows),
-    16/32-bit and float greyscale scaled to 8 bits rather than clipped."""
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image as `(H, W, 3)` uint8 RGB, EXIF orientation applied: transparency on white (what a
+    viewer shows), 16/32-bit and float greyscale scaled to 8 bits rather than clipped."""
     image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    if mode == "RGB":
-        return image
+    mode = image.mode  # before any conversion below
     if mode.startswith("I") or mode == "F":
         values = np.asarray(image, dtype=np.float64)
         if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255):  # 16-bit: 0..65535
             values = values / 257.0
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
         rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # (H, W, 3)
 
 
 def array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     """An image array (HW, HWC or CHW; uint8, bool, integers 0..255 or floats in [0, 1]) as `(H, W, 3)` uint8."""
-    if array.ndim == 2:
-        array = array[:, :, None]  # (H, W, 1)
+    array = array[:, :, None] if array.ndim == 2 else array  # (H, W, 1)
     if array.ndim != 3:
         raise ValueError(f"image {name} must have 2 or 3 dimensions (H, W[, C]), got shape {tuple(array.shape)}")
     if array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
@@ -108,17 +91,14 @@ def array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
         if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
             raise ValueError(f"float image {name} must hold values in [0, 1]; pass uint8 for 0..255 pixels")
         array = np.rint(np.nan_to_num(array) * 255).astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.integer):
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValueError(f"integer image {name} must hold values in 0..255, got dtype {array.dtype}")
-        array = array.astype(np.uint8)
-    else:
+    elif not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"image {name} has unsupported dtype {array.dtype}")
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)  # (H, W, 3)
-    elif array.shape[-1] == 4:
-        array = np.asarray(pil_to_rgb(Image.fromarray(np.ascontiguousarray(array), mode="RGBA")))  # (H, W, 3)
-    return np.ascontiguousarray(array)
+    elif array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"integer image {name} must hold values in 0..255, got dtype {array.dtype}")
+    array = array.astype(np.uint8, copy=False)
+    if array.shape[-1] == 4:
+        return pil_to_rgb(Image.fromarray(np.ascontiguousarray(array), mode="RGBA"))  # (H, W, 3)
+    return np.ascontiguousarray(np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array)  # (H, W, 3)
 
 
 def open_image(source, name: str) -> np.ndarray:
@@ -129,129 +109,100 @@ def open_image(source, name: str) -> np.ndarray:
             image = Image.open(source)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(
-            f"image {name} has more pixels than Pillow's decompression-bomb limit "
-            f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}); raise that limit to open it"
-        ) from None
+        raise ValueError(f"image {name} has more pixels than Pillow's decompression-bomb limit "
+                         f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}); raise that limit to open it") from None
     except UnidentifiedImageError:
         raise ValueError(f"image {name} is not a readable image file") from None
     except OSError as error:
         raise ValueError(f"image {name} could not be decoded (truncated or corrupt?): {error}") from None
-    return np.asarray(pil_to_rgb(image))  # (H, W, 3)
+    return pil_to_rgb(image)
 
 
 def load_image(source) -> np.ndarray:
-    """One image as RGB uint8 `(H, W, 3)`, EXIF orientation applied.
-
-    `source`: a path (or `file://` path), an http(s) URL, bytes, a binary file object, a PIL image,
-    a NumPy array (HW, HWC or CHW) or a torch tensor.
-    """
+    """One image as RGB uint8 `(H, W, 3)`, EXIF orientation applied, from a path (or `file://` path),
+    an http(s) URL, bytes, a binary file object, a PIL image, an array (HW, HWC or CHW) or a tensor."""
     name = describe(source)
     if isinstance(source, Image.Image):
-        return np.asarray(pil_to_rgb(source))  # (H, W, 3)
-    if isinstance(source, torch.Tensor):
-        source = source.detach().cpu().numpy()
-    if isinstance(source, np.ndarray):
-        return array_to_rgb(source, name)
-    if isinstance(source, (str, os.PathLike)) and str(source).startswith(("http://", "https://")):
-        return open_image(io.BytesIO(fetch_url(str(source), "image")), name)
+        return pil_to_rgb(source)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return array_to_rgb(source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source, name)
     if isinstance(source, (str, os.PathLike)):
-        return open_image(local_path(source, "image"), name)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return open_image(io.BytesIO(bytes(source)), name)
-    if hasattr(source, "read"):
-        return open_image(source, name)
-    raise TypeError(
-        f"unsupported image input of type {type(source).__name__}; expected a path, URL, bytes, "
-        "file object, PIL image, NumPy array or torch tensor"
-    )
+        url = str(source).startswith(("http://", "https://"))
+        return open_image(io.BytesIO(fetch_url(str(source), "image")) if url else local_path(source, "image"), name)
+    if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        return open_image(source if hasattr(source, "read") else io.BytesIO(bytes(source)), name)
+    raise TypeError(f"unsupported image input of type {type(source).__name__}; expected a path, URL, bytes, "
+                    "file object, PIL image, NumPy array or torch tensor")
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int, resample: int = BICUBIC) -> np.ndarray:
     """Pillow resize of uint8 frames `(T, H, W, 3)` -> `(T, height, width, 3)`, before any float work."""
     if frames.shape[1:3] == (height, width):
         return frames
-    out = np.empty((len(frames), height, width, 3), dtype=np.uint8)  # (T, H', W', 3)
-    for i, frame in enumerate(frames):
-        out[i] = np.asarray(Image.fromarray(frame).resize((width, height), resample=resample))
-    return out
+    size = (width, height)  # PIL sizes are (width, height)
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, resample=resample)) for f in frames])  # (T, H', W', 3)
 
 
-def _round_to(value: float, factor: int) -> int:
-    return round(value / factor) * factor
-
-
-def _too_elongated(index, h, w, new_h, new_w, factor, max_tokens, count):
+def _too_elongated(index, h, w, new_h, new_w, factor, max_tokens, count) -> ValueError:
     return ValueError(
         f"visual item {index} of {w}x{h} pixels (WxH) has aspect ratio {max(h, w) / min(h, w):.0f}:1, too elongated "
         f"to tokenize within max_tokens={max_tokens} shared by {count} images/frames: even one {factor}-pixel "
-        f"row/column needs {new_h * new_w // factor // factor} merged tokens. Crop it or raise max_tokens."
-    )
+        f"row/column needs {new_h * new_w // factor // factor} merged tokens. Crop it or raise max_tokens.")
 
 
 def smart_sizes(shapes, merge_sizes, patch_size: int, min_tokens: int, max_tokens: int) -> list[tuple[int, int]]:
-    """Resized `(H', W')` of each item `(T, H, W)` of one call sharing `max_tokens` merged tokens.
+    """Resized `(H', W')` of each item `(T, H, W)` of one call sharing `max_tokens` merged tokens (the official rule).
 
-    One merge size: each item gets `max_tokens / (frames + images)`, rounded to whole merged
-    patches, and at least `min_tokens`. Mixed merge sizes (the official rule): one global scale,
-    no minimum. Raises ValueError for an item too elongated to fit its share.
+    One merge size: each frame or image gets `max_tokens / (frames + images)`, rounded to whole merged
+    patches, and at least `min_tokens`. Mixed merge sizes: one global scale, no minimum.
     """
     for index, (t, h, w) in enumerate(shapes):
         if t < 1 or h < 1 or w < 1:
             raise ValueError(f"visual item {index} has an empty shape (T, H, W) = {(t, h, w)}")
+    factors = [patch_size * m for m in merge_sizes]
     if len(set(merge_sizes)) > 1:
-        return _mixed_merge_sizes(shapes, merge_sizes, patch_size, max_tokens)
-    factor = patch_size * (merge_sizes[0] if merge_sizes else 1)
-    count = sum(t for t, _, _ in shapes)  # frames and images share the budget
-    budget, minimum = max_tokens * factor * factor // count, min_tokens * factor * factor
-    sizes = []
-    for index, (_, h, w) in enumerate(shapes):
-        new_h, new_w, scale = _round_to(h, factor), _round_to(w, factor), 1.0
+        total = sum(t * math.ceil(h / f) * math.ceil(w / f) for (t, h, w), f in zip(shapes, factors))
+        beta = math.sqrt(total / max_tokens) if total > max_tokens else None
+        sizes = [(max(math.floor(h / beta / f) * f, f), max(math.floor(w / beta / f) * f, f)) if beta
+                 else (max(round(h / f) * f, f), max(round(w / f) * f, f)) for (_, h, w), f in zip(shapes, factors)]
+        if beta and sum(num_merged_tokens(t, h, w, f) for (t, _, _), (h, w), f in zip(shapes, sizes, factors)) > max_tokens:
+            worst = max(range(len(shapes)), key=lambda i: max(shapes[i][1:]) / min(shapes[i][1:]))
+            raise _too_elongated(worst, *shapes[worst][1:], *sizes[worst], factors[worst], max_tokens, len(shapes))
+        return sizes
+    count, sizes = sum(t for t, _, _ in shapes), []  # frames and images share the budget
+    for index, ((_, h, w), f) in enumerate(zip(shapes, factors)):
+        budget, minimum = max_tokens * f * f // count, min_tokens * f * f
+        new_h, new_w, scale = round(h / f) * f, round(w / f) * f, 1.0
         if new_h * new_w > budget:
             beta = math.sqrt(h * w / budget)
-            new_h, new_w, scale = math.floor(h / beta / factor) * factor, math.floor(w / beta / factor) * factor, 1 / beta
+            new_h, new_w, scale = math.floor(h / beta / f) * f, math.floor(w / beta / f) * f, 1 / beta
         if new_h * new_w < minimum:
             beta = math.sqrt(minimum / (h * w))
-            new_h, new_w, scale = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor, beta
-        new_h, new_w = max(new_h, factor), max(new_w, factor)
-        # Rounding up to whole patches may pass the share a little (the official rule); a short side
-        # far under one patch row cannot be tokenized within the share at all.
-        if new_h * new_w > max(budget, minimum) and min(h, w) * scale < factor / 2:
-            raise _too_elongated(index, h, w, new_h, new_w, factor, max_tokens, count)
+            new_h, new_w, scale = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f, beta
+        new_h, new_w = max(new_h, f), max(new_w, f)
+        # Rounding up to whole patches may pass the share a little (the official rule); a short side far
+        # under one patch row cannot be tokenized within the share at all.
+        if new_h * new_w > max(budget, minimum) and min(h, w) * scale < f / 2:
+            raise _too_elongated(index, h, w, new_h, new_w, f, max_tokens, count)
         sizes.append((new_h, new_w))
     return sizes
 
 
-def _mixed_merge_sizes(shapes, merge_sizes, patch_size, max_tokens):
-    factors = [patch_size * m for m in merge_sizes]
-    total = sum(t * math.ceil(h / f) * math.ceil(w / f) for (t, h, w), f in zip(shapes, factors))
-    sizes = []
-    for (_, h, w), f in zip(shapes, factors):
-        if total > max_tokens:
-            beta = math.sqrt(total / max_tokens)
-            new_h, new_w = math.floor(h / beta / f) * f, math.floor(w / beta / f) * f
-        else:
-            new_h, new_w = _round_to(h, f), _round_to(w, f)
-        sizes.append((max(new_h, f), max(new_w, f)))
-    tokens = sum(t * (h // f) * (w // f) for (t, _, _), (h, w), f in zip(shapes, sizes, factors))
-    if tokens > max_tokens and total > max_tokens:
-        worst = max(range(len(shapes)), key=lambda i: max(shapes[i][1:]) / min(shapes[i][1:]))
-        _, h, w = shapes[worst]
-        raise _too_elongated(worst, h, w, *sizes[worst], factors[worst], max_tokens, len(shapes))
-    return sizes
+Videollama3ImageProcessorKwargs = TypedDict("Videollama3ImageProcessorKwargs", {  # official preprocessor_config keys
+    "patch_size": int, "min_tokens": int, "max_tokens": int, "resample": int, "do_resize": bool, "do_rescale": bool,
+    "rescale_factor": float, "do_normalize": bool, "image_mean": list, "image_std": list, "do_convert_rgb": bool,
+}, total=False)
 
 
 class PixelProcessing:
-    """Settings and steps images and video frames share: token budget, resize, rescale, normalise, patchify.
-
-    Reads the official `preprocessor_config.json` keys unchanged.
-    """
+    """What images and video frames share: the token budget, resize, rescale, normalise and patchify."""
 
     def __init__(self, patch_size=14, min_tokens=16, max_tokens=16384, resample=BICUBIC, do_resize=True, do_rescale=True,
                  rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
                  do_convert_rgb=True, **kwargs):
         super().__init__(**kwargs)
-        for key, value, low in (("patch_size", patch_size, 1), ("min_tokens", min_tokens, 1), ("max_tokens", max_tokens, min_tokens)):
+        for key, value, low in (("patch_size", patch_size, 1), ("min_tokens", min_tokens, 1),
+                                ("max_tokens", max_tokens, min_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
         self.patch_size, self.min_tokens, self.max_tokens, self.resample = patch_size, min_tokens, max_tokens, int(resample)
@@ -259,16 +210,17 @@ class PixelProcessing:
         self.do_normalize, self.image_mean, self.image_std = do_normalize, list(image_mean), list(image_std)
         self.do_convert_rgb = do_convert_rgb  # always converted: the encoder needs 3 channels
 
+    def settings(self, **given) -> list:
+        """Each given setting, or this processor's own where it is None (per-call overrides)."""
+        return [getattr(self, key) if value is None else value for key, value in given.items()]
+
     def pixel_settings(self) -> dict:
         """The settings above, to build a processor that pixelises alike."""
-        keys = ("patch_size", "min_tokens", "max_tokens", "resample", "do_resize", "do_rescale", "rescale_factor",
-                "do_normalize", "image_mean", "image_std", "do_convert_rgb")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in Videollama3ImageProcessorKwargs.__annotations__}
 
     def target_sizes(self, shapes, merge_sizes, min_tokens=None, max_tokens=None) -> list[tuple[int, int]]:
         """Resized `(H', W')` of each item `(T, H, W)` of one call (see `smart_sizes`)."""
-        min_tokens = self.min_tokens if min_tokens is None else min_tokens
-        max_tokens = self.max_tokens if max_tokens is None else max_tokens
+        min_tokens, max_tokens = self.settings(min_tokens=min_tokens, max_tokens=max_tokens)
         for key, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
@@ -281,19 +233,14 @@ class PixelProcessing:
         return [(h, w) for _, h, w in shapes]
 
     def num_tokens(self, shapes, merge_sizes, min_tokens=None, max_tokens=None) -> list[int]:
-        """Merged tokens of each item before pruning (no pixels needed)."""
-        sizes = self.target_sizes(shapes, merge_sizes, min_tokens, max_tokens)
-        p = self.patch_size
-        return [merged_tokens(t, h // p, w // p, m) for (t, _, _), (h, w), m in zip(shapes, sizes, merge_sizes)]
+        """Merged tokens of each item `(T, H, W)` before pruning (no pixels needed)."""
+        sizes, p = self.target_sizes(shapes, merge_sizes, min_tokens, max_tokens), self.patch_size
+        return [num_merged_tokens(t, h // p, w // p, m) for (t, _, _), (h, w), m in zip(shapes, sizes, merge_sizes)]
 
     def to_patches(self, frames: np.ndarray, merge_size: int) -> torch.Tensor:
-        """uint8 frames `(T, H, W, C)` -> normalised float32 patches `(T*gh*gw, C*P*P)` in merge-block order.
-
-        The permutation runs on uint8 (a quarter of the bytes); rescale and normalise then run once,
-        in place, as one multiply-add per channel.
-        """
-        t, h, w, c = frames.shape
-        p, m = self.patch_size, merge_size
+        """uint8 frames `(T, H, W, C)` -> normalised float32 patches `(T*gh*gw, C*P*P)` in merge-block order. The
+        permutation runs on uint8 (a quarter of the bytes), then one in-place multiply-add per channel."""
+        (t, h, w, c), p, m = frames.shape, self.patch_size, merge_size
         gh, gw = h // p, w // p
         blocks = frames.reshape(t, gh // m, m, p, gw // m, m, p, c)  # (T, gh/m, m, P, gw/m, m, P, C)
         blocks = blocks.transpose(0, 1, 4, 2, 5, 7, 3, 6)  # (T, gh/m, gw/m, m, m, C, P, P)
@@ -307,52 +254,31 @@ class PixelProcessing:
         patches.mul_(scale.float().view(1, c, 1)).add_(shift.float().view(1, c, 1))
         return patches.view(t * gh * gw, c * p * p)  # (N, D)
 
-    def _settings_or_default(self, merge_size, count, sizes, min_tokens, max_tokens, shapes):
-        merges = list(merge_size) if isinstance(merge_size, (list, tuple)) else [merge_size] * count
-        if len(merges) != count:
-            raise ValueError(f"got {len(merges)} merge sizes for {count} items")
-        if sizes is None:
-            sizes = self.target_sizes(shapes, merges, min_tokens, max_tokens)
-        elif len(sizes) != count:
-            raise ValueError(f"got {len(sizes)} sizes for {count} items")
-        return merges, [tuple(int(v) for v in size) for size in sizes]
-
-
-def batch_feature(patches, grids, merges, masks, return_tensors) -> BatchFeature:
-    """The model's visual inputs of a call: `pixel_values (N, D)`, `grid_sizes (k, 3)`, `merge_sizes (k,)`,
-    `compression_mask (M,)`."""
-    data = {
-        "pixel_values": patches[0] if len(patches) == 1 else torch.cat(patches),  # (N, D)
-        "grid_sizes": torch.tensor(grids, dtype=torch.long).view(-1, 3),  # (k, 3)
-        "merge_sizes": torch.tensor(merges, dtype=torch.long),  # (k,)
-        "compression_mask": torch.cat(masks),  # (M,)
-    }
-    if return_tensors in (None, "np"):
-        data = {key: value.numpy() for key, value in data.items()}
-    return BatchFeature(data, tensor_type=return_tensors)
-
-
-class Videollama3ImageProcessorKwargs(TypedDict, total=False):
-    """Settings `from_pretrained(..., **kwargs)` may override (transformers' loader reads this)."""
-
-    patch_size: int
-    min_tokens: int
-    max_tokens: int
-    resample: int
-    do_resize: bool
-    do_rescale: bool
-    rescale_factor: float
-    do_normalize: bool
-    image_mean: list
-    image_std: list
-    do_convert_rgb: bool
+    def encode(self, items, shapes, read, keep, merge_size, sizes, min_tokens, max_tokens, return_tensors) -> BatchFeature:
+        """`pixel_values (N, D)`, `grid_sizes (k, 3)`, `merge_sizes (k,)`, `compression_mask (M,)` of `items` of
+        `shapes` `(T, H, W)`: `read(item, h, w)` gives uint8 `(T, h, w, 3)`, `keep(patches, grid, m)` the mask;
+        `sizes` (`(H', W')` each) when the caller shares the budget with other items."""
+        merges = list(merge_size) if isinstance(merge_size, (list, tuple)) else [merge_size] * len(items)
+        sizes = self.target_sizes(shapes, merges, min_tokens, max_tokens) if sizes is None else sizes
+        if not len(items) == len(merges) == len(sizes):
+            raise ValueError(f"got {len(items)} items, {len(merges)} merge sizes and {len(sizes)} sizes")
+        patches, grids, masks = [], [], []
+        for item, (h, w), m in zip(items, sizes, merges):
+            patches.append(self.to_patches(read(item, int(h), int(w)), m))  # (T*gh*gw, D)
+            grids.append((len(patches[-1]) // (h // self.patch_size * (w // self.patch_size)), h // self.patch_size,
+                          w // self.patch_size))
+            masks.append(keep(patches[-1], grids[-1], m))  # (T*gh/m*gw/m,)
+        data = {"pixel_values": torch.cat(patches), "grid_sizes": torch.tensor(grids, dtype=torch.long),  # (N, D), (k, 3)
+                "merge_sizes": torch.tensor(merges, dtype=torch.long), "compression_mask": torch.cat(masks)}  # (k,), (M,)
+        if return_tensors in (None, "np"):
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data, tensor_type=return_tensors)
 
 
 class Videollama3ImageProcessor(PixelProcessing, ImageProcessingMixin):
-    r"""Any-resolution image processor of VideoLLaMA3.
+    r"""Any-resolution image processor of VideoLLaMA3; reads the official `preprocessor_config.json` unchanged.
 
-    One call shares `max_tokens` merged tokens among its images (the processor passes the sizes it
-    computed for a whole sample, videos included). Output (`BatchFeature`): `pixel_values (N, D)`
+    One call shares `max_tokens` merged tokens among its images. Output (`BatchFeature`): `pixel_values (N, D)`
     float32, `grid_sizes (k, 3)` `[1, gh, gw]`, `merge_sizes (k,)`, `compression_mask (M,)` (all True:
     images are never pruned).
     """
@@ -370,36 +296,15 @@ class Videollama3ImageProcessor(PixelProcessing, ImageProcessingMixin):
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
 
-    def preprocess(self, images, merge_size=1, sizes=None, min_tokens=None, max_tokens=None, return_tensors="pt") -> BatchFeature:
-        """Images (one or a list, any form `load_image` takes) -> model inputs.
-
-        Args:
-            merge_size: an int for all images, or one per image (official: 1).
-            sizes: `(H', W')` per image, when the caller shares the budget with other items.
-        """
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not items:
+    def preprocess(self, images, merge_size=1, sizes=None, min_tokens=None, max_tokens=None, return_tensors="pt"):
+        """Images (one or a list, any form `load_image` takes) -> model inputs; `merge_size` an int or one per image."""
+        images = [load_image(item) for item in (images if isinstance(images, (list, tuple)) else [images])]
+        if not images:
             raise ValueError("images is empty: pass at least one image")
-        frames = [load_image(item)[None] for item in items]  # (1, H, W, 3) each
-        merges, sizes = self._settings_or_default(merge_size, len(items), sizes, min_tokens, max_tokens,
-                                                  [f.shape[:3] for f in frames])
-        patches, grids, masks = [], [], []
-        for item, (h, w), m in zip(frames, sizes, merges):
-            patches.append(self.to_patches(resize_frames(item, h, w, self.resample), m))  # (gh*gw, D)
-            grids.append((1, h // self.patch_size, w // self.patch_size))
-            masks.append(torch.ones(merged_tokens(*grids[-1], m), dtype=torch.bool))
-        return batch_feature(patches, grids, merges, masks, return_tensors)
-
-    @staticmethod
-    def frame_token_counts(grid_sizes, merge_sizes, compression_mask) -> list[list[int]]:
-        """Kept merged tokens of every frame of every item: the placeholders each `<image>` becomes."""
-        counts, offset = [], 0
-        mask = torch.as_tensor(compression_mask)
-        for (t, gh, gw), m in zip(torch.as_tensor(grid_sizes).tolist(), torch.as_tensor(merge_sizes).tolist()):
-            size = merged_tokens(t, gh, gw, m)
-            counts.append(mask[offset : offset + size].view(t, -1).sum(dim=1).tolist())
-            offset += size
-        return counts
+        return self.encode(images, [(1, *image.shape[:2]) for image in images],
+                           lambda image, h, w: resize_frames(image[None], h, w, self.resample),
+                           lambda patches, grid, m: torch.ones(num_merged_tokens(*grid, m), dtype=torch.bool),
+                           merge_size, sizes, min_tokens, max_tokens, return_tensors)
 
 
-__all__ = ["Videollama3ImageProcessor", "MediaNotFoundError", "load_image", "merged_tokens", "pil_height_width", "pil_to_rgb"]
+__all__ = ["Videollama3ImageProcessor", "MediaNotFoundError", "load_image", "num_merged_tokens", "pil_to_rgb"]

@@ -1,15 +1,23 @@
-"""VideoLLaMA3: a SigLIP-shaped vision encoder with 2D RoPE, an MLP projector and a Qwen2.5 LLM.
+"""VideoLLaMA3 (https://arxiv.org/abs/2501.13106): a SigLIP-shaped vision encoder with 2D RoPE, a
+bilinear merge, an MLP projector and a Qwen2.5 LLM.
 
 Attribute names equal the official checkpoint keys (`model.vision_encoder.*`,
-`model.mm_projector.readout.*`, Qwen2 names), so official weights load with no remapping.
+`model.mm_projector.readout.*`, Qwen2 names), so official weights load with no remapping. Classes
+come in dependency order: patch embedding, vision RoPE, vision attention, MLP, layer, encoder,
+merger, the vision encoder model, projector, the LLM wrapper, the causal LM; the packed-row LLM
+attention function ends the file.
 
-Shape vocabulary used in the comments of the vision and merge path:
-    N    patches of all images/frames in the call (rows of `pixel_values`)
-    F    frames (an image is one frame) in one attention chunk; L = gh*gw patches per frame
-    H    attention heads, hd head width; D_v / D_t vision / text widths
-    m    merge size of an item; M merged tokens of all items (N / m^2 summed per item)
-    K    merged tokens kept by the processor's compression mask (= `<image>` placeholders)
-    B, S batch size and text length
+Shape letters, used by every shape comment in this file:
+    N         patches of all visual items in a call (rows of `pixel_values`); C, p channels, patch size
+    n         patches of one piece of N (a group of frames, an attention chunk)
+    T, H, W   one item's grid row `[t, h, w]`: frames (1 for an image), patch rows, patch columns
+    m         one item's merge size; the item gives T*(H/m)*(W/m) merged tokens (`num_merged_tokens`)
+    M         merged tokens of all items in a call
+    K         merged tokens kept by `compression_mask` (= `<image>` placeholders in the prompt)
+    F, L      frames in one vision attention call, patches per frame (L = H*W)
+    nh, hd    attention heads (this rank's under tensor parallelism) and head width
+    D_v, D_t  vision and text widths
+    B, S, V   batch size, text length, vocabulary size
 """
 
 from dataclasses import dataclass
@@ -31,178 +39,72 @@ from .configuration_videollama3 import Videollama3Qwen2Config, Videollama3Vision
 # Processor outputs that describe visual items; generation must move them together per sample.
 VISION_INPUT_NAMES = ("pixel_values", "grid_sizes", "merge_sizes", "compression_mask")
 
-# Upper bound on one eager/sdpa attention call's score tensor (F*H*L*L fp32 values), so memory
-# stays flat however many frames a video has: longer videos take more calls, not bigger ones.
-ATTENTION_CHUNK_SCORES = 1 << 26
-# Rows of one vision-MLP call without grad: bounds the (rows, intermediate) activation.
-MLP_CHUNK_TOKENS = 8192
-# Patches per group of whole frames that CPU inference takes through all encoder layers at once.
-INFERENCE_GROUP_TOKENS = 4096
-
-
-@dataclass
-class VisionAttentionPlan:
-    """How the N patches of one vision forward split into independent attention sequences.
-
-    Every image and every video frame attends only to itself (AVT). Consecutive frames of one size
-    are batched, within an item or across items (a training batch of same-size images is one call
-    per layer, not one per image): `chunks` holds `(first_patch, frames, patches_per_frame)`.
-    `cu_seqlens` and `max_seqlen` describe the same frames for a single varlen flash-attention call.
-    """
-
-    chunks: list[tuple[int, int, int]]
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-
-    @classmethod
-    def from_grids(cls, grids: list[tuple[int, int, int]], num_heads: int, device) -> "VisionAttentionPlan":
-        runs, lengths = [], []  # runs: [patches per frame, frames] of consecutive frames of one size
-        for t, h, w in grids:
-            if runs and runs[-1][0] == h * w:
-                runs[-1][1] += t
-            else:
-                runs.append([h * w, t])
-            lengths += [h * w] * t
-        chunks, start = [], 0
-        for length, count in runs:
-            frames_per_call = max(1, ATTENTION_CHUNK_SCORES // (num_heads * length * length))
-            for first in range(0, count, frames_per_call):
-                frames = min(frames_per_call, count - first)
-                chunks.append((start, frames, length))
-                start += frames * length
-        cu_seqlens = F.pad(torch.tensor(lengths, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-        return cls(chunks, cu_seqlens, max(lengths))
-
-
-def frame_groups(grids: list[tuple[int, int, int]], budget: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
-    """Consecutive whole frames in groups of at most `budget` patches (a larger frame alone):
-    `(first_patch, end_patch, grids of the group's frames)`, the grids as `(frames, h, w)` runs."""
-    groups, runs, start, size = [], [], 0, 0
-    for t, h, w in grids:
-        length = h * w
-        done = 0
-        while done < t:
-            if runs and size + length > budget:
-                groups.append((start, start + size, runs))
-                runs, start, size = [], start + size, 0
-            frames = min(t - done, max(1, (budget - size) // length))
-            runs.append((frames, h, w))
-            size += frames * length
-            done += frames
-    if runs:
-        groups.append((start, start + size, runs))
-    return groups
-
-
-def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention over `(F, H, L, hd)`; returns `(F, L, H, hd)` like the other backends."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (F, H, L, L)
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (F, L, H, hd)
-
-
-def packed_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
-    """sdpa that attends within each sample of a packed row, one causal call per sample.
-
-    transformers' sdpa path gives a packed row (one row, `position_ids` restarting per sample) a
-    block-diagonal `(S, S)` mask, so every call computes all S x S scores and cannot use the causal
-    kernel. The samples' boundaries (`cu_seq_lens_q`, passed by `Videollama3Qwen2Model` for packed
-    rows, as flash-attention reads them) make it sum(S_i^2) / 2 instead. Anything else (padded
-    batches, generation with a cache) is plain sdpa with its mask.
-    """
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if cu_seq_lens_q is None:
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
-    if query.shape[0] != 1:
-        raise ValueError(f"cu_seq_lens_q describes the samples of one packed row, but the batch has {query.shape[0]} rows")
-    kwargs.pop("is_causal", None)
-    # split, not one slice per sample: each slice's backward writes its gradient into a zeroed
-    # tensor of the whole row, which makes the backward O(samples x S); split's is one cat.
-    sizes = cu_seq_lens_q.diff().tolist()
-    outputs = [
-        sdpa(module, q, k, v, None, is_causal=True, **kwargs)[0]
-        for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
-    ]  # each (1, S_i, H, hd)
-    return torch.cat(outputs, dim=1), None  # (1, S, H, hd)
-
-
 # `model.set_attn_implementation(PACKED_SDPA)` (the trainer does it for packed batches): padded batches
-# and generation keep sdpa's masks, packed rows attend per sample.
+# and generation keep sdpa's masks, packed rows attend per sample (`packed_sdpa_attention`, at the end).
 PACKED_SDPA = "videollama3_packed_sdpa"
-AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
-AttentionMaskInterface.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def packed_boundaries(position_ids: torch.Tensor) -> dict:
-    """Flash-attention's varlen kwargs for one row of `position_ids` `(1, S)`; empty unless it is packed.
+def num_merged_tokens(t: int, h: int, w: int, m: int) -> int:
+    """Tokens of an item with grid (T, H, W) after merging m x m patches; each is one `<image>` unless pruned."""
+    return t * (h // m) * (w // m)
 
-    The samples are those of transformers' own packed mask (`find_packed_sequence_indices`: a new
-    sample wherever the positions do not go up by one), so per-sample attention matches it exactly.
+
+def check_visual_inputs(pixel_values, grid_sizes, merge_sizes, compression_mask=None, patch_dim=None):
+    """Validate the processor's visual outputs where they enter the model; return grids and merges as lists.
+
+    Wrong dtypes raise `TypeError`, wrong shapes and disagreeing counts `ValueError`, each naming the
+    input and both numbers.
     """
-    samples = find_packed_sequence_indices(position_ids)  # (1, S) sample index of each token, None for one sample
-    if samples is None:
-        return {}
-    lengths = torch.bincount(samples[0])  # (samples,)
-    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (samples + 1,)
-    longest = int(lengths.max())
-    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest, "max_length_k": longest}
+    for name, value in (("pixel_values", pixel_values), ("grid_sizes", grid_sizes), ("merge_sizes", merge_sizes)):
+        if not torch.is_tensor(value):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
+    for name, value in (("grid_sizes", grid_sizes), ("merge_sizes", merge_sizes)):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if pixel_values.ndim != 2 or (patch_dim is not None and pixel_values.shape[1] != patch_dim):
+        expected = f"(N, {patch_dim})" if patch_dim is not None else "(N, C*patch*patch)"
+        raise ValueError(f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}")
+    if grid_sizes.ndim != 2 or grid_sizes.shape[1] != 3:
+        raise ValueError(f"grid_sizes must have shape (k, 3), one [t, h, w] row per item, got {tuple(grid_sizes.shape)}")
+    if merge_sizes.ndim != 1 or merge_sizes.shape[0] != grid_sizes.shape[0]:
+        raise ValueError(
+            f"merge_sizes must have shape (k,) with k = {grid_sizes.shape[0]} items of grid_sizes, "
+            f"got {tuple(merge_sizes.shape)}"
+        )
+    grids = [tuple(g) for g in grid_sizes.tolist()]
+    merges = merge_sizes.tolist()
+    for i, ((t, h, w), m) in enumerate(zip(grids, merges)):
+        if min(t, h, w, m) < 1 or h % m or w % m:
+            raise ValueError(f"item {i}: grid (t={t}, h={h}, w={w}) is not a positive multiple of merge size {m}")
+    patches = sum(t * h * w for t, h, w in grids)
+    if pixel_values.shape[0] != patches:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_sizes describe {patches}")
+    if compression_mask is not None:
+        if not torch.is_tensor(compression_mask) or compression_mask.is_floating_point():
+            kind = compression_mask.dtype if torch.is_tensor(compression_mask) else type(compression_mask).__name__
+            raise TypeError(f"compression_mask must be a bool tensor, got {kind}")
+        merged = sum(num_merged_tokens(t, h, w, m) for (t, h, w), m in zip(grids, merges))
+        if compression_mask.ndim != 1 or compression_mask.shape[0] != merged:
+            raise ValueError(
+                f"compression_mask has {compression_mask.shape[0] if compression_mask.ndim else 0} entries "
+                f"but the visual inputs give {merged} merged tokens"
+            )
+    return grids, merges
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on `(n, H, hd)` by `(n, 1, hd)` angles (`Videollama3VisionRotaryEmbedding`), in float32:
-    bf16 angles lose the low bits that distinguish neighbouring positions.
+class Videollama3VisionEmbeddings(nn.Module):
+    def __init__(self, config: Videollama3VisionEncoderConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
 
-    `x * cos + rotate_half(x) * sin`, where rotate_half(x) = (-x2, x1), written as one flip of the
-    halves times `signed_sin` (sin with its first half negated, made once per forward): no negated
-    and concatenated copy of `x`. The products and the sum are rounded as in the textbook form, so
-    results (and the embedded default's training) are bit-identical to it; a fused multiply-add is
-    2.5x faster but rounds differently, and an earlier recipe run with it scored 64.3% on image
-    questions against that recipe's 70.4% (one plan's runs spread by several points).
-    """
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    swapped = xf.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (n, H, hd): (x2, x1)
-    return (xf * cos + swapped * signed_sin).to(x.dtype)
-
-
-def apply_rope(q, k, cos, signed_sin):
-    """Rotate `(n, H, hd)` queries and keys (`rotate`)."""
-    return rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
-
-
-def plan_pieces(plan: VisionAttentionPlan, *tensors: torch.Tensor) -> list[tuple]:
-    """Per attention chunk of `plan`: `(frames, length, *pieces)`, each piece the chunk's rows of
-    one of `tensors` (all `(N, ...)`).
-
-    With autograd on, the pieces come from one `split` per tensor: the backward of a slice writes
-    into a zeroed tensor of all N rows, which made the backward O(chunks x N), and images of many
-    sizes are many chunks; split's backward is one pass. Without it, plain slices (views).
-    """
-    if torch.is_grad_enabled():
-        sizes = [frames * length for _, frames, length in plan.chunks]
-        rows = zip(*(x.split(sizes) for x in tensors))
-    else:
-        rows = ([x[start : start + frames * length] for x in tensors] for start, frames, length in plan.chunks)
-    return [(frames, length, *parts) for (_, frames, length), parts in zip(plan.chunks, rows)]
-
-
-def join_pieces(plan: VisionAttentionPlan, pieces, shape) -> torch.Tensor:
-    """The chunks' `pieces` (an iterable in `plan.chunks` order) as one tensor of `shape` `(N, ...)`.
-
-    With autograd on, one `cat` (a write into a slice of a buffer has an O(N) backward per chunk);
-    without it, each piece is written into one buffer as soon as the iterable makes it, so a long
-    video's forward never holds all pieces and their concatenation at once.
-    """
-    if torch.is_grad_enabled():
-        return torch.cat(list(pieces))
-    out = None
-    for (start, frames, length), piece in zip(plan.chunks, pieces):
-        out = piece.new_empty(shape) if out is None else out
-        out[start : start + frames * length] = piece
-    return out
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # A stride-p conv over one p x p patch is a matmul with the flattened (C, p, p) kernel.
+        weight = self.patch_embedding.weight
+        return F.linear(pixel_values.to(weight.dtype), weight.flatten(1), self.patch_embedding.bias)  # (N, D_v)
 
 
 class Videollama3VisionRotaryEmbedding(nn.Module):
@@ -223,37 +125,160 @@ class Videollama3VisionRotaryEmbedding(nn.Module):
         )
         angles = []
         for (t, h, w), m in zip(grids, merge_sizes):
-            # Patches come in merge-block order: (h/m, w/m, m, m), so one merged token is contiguous.
+            # Patches come in merge-block order: (H/m, W/m, m, m), so one merged token is contiguous.
             rows = torch.arange(h, device=device).view(h // m, 1, m, 1).expand(h // m, w // m, m, m)
             cols = torch.arange(w, device=device).view(1, w // m, 1, m).expand(h // m, w // m, m, m)
             frame = torch.cat([rows.reshape(-1, 1) * inv_freq, cols.reshape(-1, 1) * inv_freq], dim=-1)  # (L, hd/2)
-            angles.append(frame.repeat(t, 1))  # (t*L, hd/2): no temporal position, every frame alike
+            angles.append(frame.repeat(t, 1))  # (T*L, hd/2): no temporal position, every frame alike
         angles = torch.cat(angles)[:, None, :]  # (N, 1, hd/2)
         sin = angles.sin()
         # Both halves of the head turn by the same angles; `rotate` wants sin's first half negated.
         return angles.cos().repeat(1, 1, 2), torch.cat([-sin, sin], dim=-1)  # 2 x (N, 1, hd)
 
 
-class Videollama3VisionEmbeddings(nn.Module):
-    def __init__(self, config: Videollama3VisionEncoderConfig):
-        super().__init__()
-        self.patch_embedding = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on `(n, nh, hd)` by `(n, 1, hd)` angles, in float32: bf16 angles lose the low bits that
+    distinguish neighbouring positions.
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # A stride-p conv over one p x p patch is a matmul with the flattened (C, p, p) kernel.
-        weight = self.patch_embedding.weight
-        return F.linear(pixel_values.to(weight.dtype), weight.flatten(1), self.patch_embedding.bias)  # (N, D_v)
+    `x * cos + rotate_half(x) * sin`, where rotate_half(x) = (-x2, x1), written as one flip of the
+    halves times `signed_sin` (sin with its first half negated): no negated and concatenated copy of
+    `x`. Products and sum round as in the textbook form, so results are bit-identical to it (a fused
+    multiply-add would not be).
+    """
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    swapped = xf.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (n, nh, hd): (x2, x1)
+    return (xf * cos + swapped * signed_sin).to(x.dtype)
+
+
+# Inference-only memory paths. Without autograd nothing is kept for a backward, so the vision
+# encoder may work on pieces of a long video and free each as it goes: the same values (bit for bit
+# in the tests), a fraction of the peak memory. `Videollama3VisionEncoderModel.forward` is the one place that
+# chooses them (`low_memory = not torch.is_grad_enabled()`); training always takes whole tensors.
+
+# Patches per group of whole frames that CPU inference takes through all encoder layers at once:
+# on CPU, RAM is the scarce resource and each large fresh tensor costs page faults.
+INFERENCE_GROUP_TOKENS = 4096
+# Rows of one vision-MLP call: bounds the (rows, intermediate) activation, the encoder's largest tensor.
+MLP_CHUNK_TOKENS = 8192
+
+
+def frame_groups(grids, budget: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Consecutive whole frames in groups of at most `budget` patches (a larger frame alone):
+    `(first_patch, end_patch, grids of the group's frames)`, the grids as `(frames, h, w)` runs."""
+    groups, runs, start, size = [], [], 0, 0
+    for t, h, w in grids:
+        length = h * w
+        done = 0
+        while done < t:
+            if runs and size + length > budget:
+                groups.append((start, start + size, runs))
+                runs, start, size = [], start + size, 0
+            frames = min(t - done, max(1, (budget - size) // length))
+            runs.append((frames, h, w))
+            size += frames * length
+            done += frames
+    if runs:
+        groups.append((start, start + size, runs))
+    return groups
+
+
+def write_pieces(chunks, pieces, shape) -> torch.Tensor:
+    """Each piece written into one buffer of `shape` as soon as the iterable makes it, so a long
+    video's forward never holds all pieces and their concatenation at once."""
+    out = None
+    for (start, frames, length), piece in zip(chunks, pieces):
+        out = piece.new_empty(shape) if out is None else out
+        out[start : start + frames * length] = piece
+    return out
+
+
+def mlp_in_chunks(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`mlp(hidden_states)` over row chunks of at most MLP_CHUNK_TOKENS, written into one `(N, D_v)` buffer."""
+    if hidden_states.shape[0] <= MLP_CHUNK_TOKENS:
+        return mlp(hidden_states)
+    out = hidden_states.new_empty(hidden_states.shape[0], mlp.fc2.out_features)  # (N, D_v)
+    for start in range(0, hidden_states.shape[0], MLP_CHUNK_TOKENS):
+        out[start : start + MLP_CHUNK_TOKENS] = mlp(hidden_states[start : start + MLP_CHUNK_TOKENS])
+    return out
+
+
+# Upper bound on one eager/sdpa vision attention call's score tensor (F*nh*L*L fp32 values), so memory
+# stays flat however many frames a video has: longer videos take more calls, not bigger ones.
+ATTENTION_CHUNK_SCORES = 1 << 26
+
+
+@dataclass
+class VisionAttentionPlan:
+    """How the N patches of one vision forward split into independent attention sequences.
+
+    Every image and every video frame attends only to itself (the paper's any-resolution tokenization). Consecutive frames
+    of one size are batched, within an item or across items (a training batch of same-size images
+    is one call per layer, not one per image): `chunks` holds `(first_patch, frames, patches_per_frame)`.
+    `cu_seqlens` and `max_seqlen` describe the same frames for one varlen flash-attention call.
+    `low_memory` (set without autograd) lets pieces be written out and freed as they are made.
+    """
+
+    chunks: list[tuple[int, int, int]]
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    low_memory: bool = False
+
+    @classmethod
+    def from_grids(cls, grids, num_heads: int, device, low_memory: bool = False) -> "VisionAttentionPlan":
+        runs, lengths = [], []  # runs: [patches per frame, frames] of consecutive frames of one size
+        for t, h, w in grids:
+            if runs and runs[-1][0] == h * w:
+                runs[-1][1] += t
+            else:
+                runs.append([h * w, t])
+            lengths += [h * w] * t
+        chunks, start = [], 0
+        for length, count in runs:
+            frames_per_call = max(1, ATTENTION_CHUNK_SCORES // (num_heads * length * length))
+            for first in range(0, count, frames_per_call):
+                frames = min(frames_per_call, count - first)
+                chunks.append((start, frames, length))
+                start += frames * length
+        cu_seqlens = F.pad(torch.tensor(lengths, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+        return cls(chunks, cu_seqlens, max(lengths), low_memory)
+
+    def split(self, *tensors: torch.Tensor) -> list[tuple]:
+        """Per chunk: `(frames, length, *pieces)`, each piece the chunk's rows of one `(N, ...)` tensor.
+
+        One `split` per tensor, not a slice per chunk: a slice's backward writes into a zeroed tensor
+        of all N rows, which made the backward O(chunks x N); split's backward is one pass.
+        """
+        sizes = [frames * length for _, frames, length in self.chunks]
+        pieces = zip(*(x.split(sizes) for x in tensors))
+        return [(frames, length, *parts) for (_, frames, length), parts in zip(self.chunks, pieces)]
+
+    def join(self, pieces, shape) -> torch.Tensor:
+        """The chunks' `pieces` (an iterable in chunk order) as one `(N, ...)` tensor of `shape`."""
+        if self.low_memory:
+            return write_pieces(self.chunks, pieces, shape)
+        return torch.cat(list(pieces))  # one cat: writes into slices of a buffer have an O(N) backward each
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention over `(F, nh, L, hd)`; returns `(F, L, nh, hd)` like the other backends."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (F, nh, L, L)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (F, L, nh, hd)
 
 
 class Videollama3VisionAttention(nn.Module):
+    """Multi-head self-attention with 2D RoPE, each frame its own sequence, through transformers'
+    attention-function registry (`config._attn_implementation`, read per call as transformers' own layers do)."""
+
     def __init__(self, config: Videollama3VisionEncoderConfig):
         super().__init__()
         self.config = config  # the attention interface reads the implementation from it
-        self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        if self.head_dim * self.num_heads != config.hidden_size:
+        if self.head_dim * config.num_attention_heads != config.hidden_size:
             raise ValueError(
                 f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}"
             )
@@ -268,23 +293,22 @@ class Videollama3VisionAttention(nn.Module):
 
     def forward(self, hidden_states, rope: tuple[torch.Tensor, torch.Tensor], plan: VisionAttentionPlan):
         N = hidden_states.shape[0]
-        q = self.q_proj(hidden_states).view(N, self.num_heads, self.head_dim)  # (N, H, hd)
-        k = self.k_proj(hidden_states).view(N, self.num_heads, self.head_dim)  # (N, H, hd)
-        v = self.v_proj(hidden_states).view(N, self.num_heads, self.head_dim)  # (N, H, hd)
+        # -1 heads: under tensor parallelism q/k/v hold this rank's heads only.
+        q = self.q_proj(hidden_states).view(N, -1, self.head_dim)  # (N, nh, hd)
+        k = self.k_proj(hidden_states).view(N, -1, self.head_dim)  # (N, nh, hd)
+        v = self.v_proj(hidden_states).view(N, -1, self.head_dim)  # (N, nh, hd)
 
-        # Read at call time, as transformers layers do, so `set_attn_implementation` takes effect.
         implementation = self.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
         dropout = self.dropout if self.training else 0.0
         if implementation.startswith("flash_attention"):
-            # RoPE chunk by chunk: whole-tensor float32 temporaries made this branch's peak 3.9 GiB
-            # against sdpa's 3.0 GiB (180 frames of 336 patches, bf16, H200).
-            chunks = plan_pieces(plan, q, k, *rope)  # per chunk: (frames, length, q, k, cos, signed_sin)
-            q_rot = join_pieces(plan, (rotate(q_c, cos, sin) for _, _, q_c, _, cos, sin in chunks), q.shape)  # (N, H, hd)
-            k_rot = join_pieces(plan, (rotate(k_c, cos, sin) for _, _, _, k_c, cos, sin in chunks), k.shape)  # (N, H, hd)
+            # One varlen call over all frames; RoPE chunk by chunk keeps its float32 temporaries small.
+            chunks = plan.split(q, k, *rope)  # per chunk: (frames, length, q, k, cos, signed_sin)
+            q_rot = plan.join((rotate(q_c, cos, sin) for _, _, q_c, _, cos, sin in chunks), q.shape)  # (N, nh, hd)
+            k_rot = plan.join((rotate(k_c, cos, sin) for _, _, _, k_c, cos, sin in chunks), k.shape)  # (N, nh, hd)
             out, _ = attention(
                 self,
-                q_rot.transpose(0, 1)[None],  # (1, H, N, hd)
+                q_rot.transpose(0, 1)[None],  # (1, nh, N, hd)
                 k_rot.transpose(0, 1)[None],
                 v.transpose(0, 1)[None],
                 attention_mask=None,
@@ -295,19 +319,19 @@ class Videollama3VisionAttention(nn.Module):
                 cu_seq_lens_k=plan.cu_seqlens,
                 max_length_q=plan.max_seqlen,
                 max_length_k=plan.max_seqlen,
-            )  # (1, N, H, hd)
+            )  # (1, N, nh, hd)
             return self.out_proj(out.reshape(N, -1))  # (N, D_v)
 
         def chunk_attention(frames, length, q_c, k_c, v_c, cos, signed_sin):
-            q_c, k_c = apply_rope(q_c, k_c, cos, signed_sin)
-            q_c, k_c, v_c = (x.view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
-                             for x in (q_c, k_c, v_c))  # (F, H, L, hd)
+            q_c, k_c = rotate(q_c, cos, signed_sin), rotate(k_c, cos, signed_sin)
+            q_c, k_c, v_c = (x.view(frames, length, -1, self.head_dim).transpose(1, 2)
+                             for x in (q_c, k_c, v_c))  # (F, nh, L, hd)
             out_c, _ = attention(self, q_c, k_c, v_c, None, scaling=self.scaling, dropout=dropout, is_causal=False)
-            return out_c.reshape(frames * length, -1)  # (F*L, D_v)
+            return out_c.reshape(frames * length, -1)  # (F*L, nh*hd)
 
-        chunks = plan_pieces(plan, q, k, v, *rope)  # per chunk: (frames, length, q, k, v, cos, signed_sin)
-        out = join_pieces(plan, (chunk_attention(*c) for c in chunks), (N, self.num_heads * self.head_dim))  # (N, D_v)
-        return self.out_proj(out)
+        chunks = plan.split(q, k, v, *rope)  # per chunk: (frames, length, q, k, v, cos, signed_sin)
+        out = plan.join((chunk_attention(*c) for c in chunks), (N, q.shape[1] * self.head_dim))  # (N, nh*hd)
+        return self.out_proj(out)  # (N, D_v)
 
 
 class Videollama3VisionMLP(nn.Module):
@@ -318,16 +342,7 @@ class Videollama3VisionMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or hidden_states.shape[0] <= MLP_CHUNK_TOKENS:
-            return self.fc2(self.act(self.fc1(hidden_states)))
-        # Inference on long videos: the (N, I) fc1 output and its activation are the largest
-        # tensors of the encoder; token chunks cap them. Training keeps one call (autograd saves
-        # the activations anyway).
-        out = hidden_states.new_empty(hidden_states.shape[0], self.fc2.out_features)  # (N, D_v)
-        for start in range(0, hidden_states.shape[0], MLP_CHUNK_TOKENS):
-            chunk = hidden_states[start : start + MLP_CHUNK_TOKENS]
-            out[start : start + MLP_CHUNK_TOKENS] = self.fc2(self.act(self.fc1(chunk)))
-        return out
+        return self.fc2(self.act(self.fc1(hidden_states)))  # (N, D_v)
 
 
 class Videollama3VisionEncoderLayer(GradientCheckpointingLayer):
@@ -340,9 +355,10 @@ class Videollama3VisionEncoderLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Videollama3VisionMLP(config)
 
-    def forward(self, hidden_states, rope, plan):
+    def forward(self, hidden_states, rope, plan: VisionAttentionPlan):
         hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), rope, plan)
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        normed = self.layer_norm2(hidden_states)
+        return hidden_states + (mlp_in_chunks(self.mlp, normed) if plan.low_memory else self.mlp(normed))
 
 
 class Videollama3VisionEncoder(nn.Module):
@@ -354,6 +370,30 @@ class Videollama3VisionEncoder(nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states, rope, plan)
         return hidden_states
+
+
+class Videollama3VisionMerger(nn.Module):
+    """Each item's patches bilinearly downsampled by its merge size m (align_corners False), as the
+    official encoder does after its last layer norm; no weights."""
+
+    def forward(self, hidden_states: torch.Tensor, grids, merge_sizes) -> torch.Tensor:
+        items = hidden_states.split([t * h * w for t, h, w in grids])  # per item (T*H*W, D_v)
+        return torch.cat([self.downsample(x, grid, m) for x, grid, m in zip(items, grids, merge_sizes)])  # (M, D_v)
+
+    @staticmethod
+    def downsample(x: torch.Tensor, grid: tuple[int, int, int], m: int) -> torch.Tensor:
+        """One item's `(T*H*W, D_v)` patches in merge-block order, resized by `1/m` per side."""
+        if m == 1:
+            return x  # (T*H*W, D_v): merge-block order with m=1 is already row-major
+        if m == 2:
+            # A factor-2 bilinear resize (align_corners=False) samples midway between each pixel pair:
+            # exactly the mean of each 2x2 block, and those 4 patches are contiguous in merge-block order.
+            return x.view(-1, 4, x.shape[-1]).mean(1)  # (T*H/2*W/2, D_v)
+        t, h, w = grid
+        D = x.shape[-1]
+        spatial = x.view(t, h // m, w // m, m, m, D).permute(0, 5, 1, 3, 2, 4).reshape(t, D, h, w)  # (T, D_v, H, W)
+        merged = F.interpolate(spatial, size=(h // m, w // m), mode="bilinear", align_corners=False)  # (T, D_v, H/m, W/m)
+        return merged.permute(0, 2, 3, 1).reshape(-1, D)  # (T*H/m*W/m, D_v)
 
 
 class Videollama3VisionEncoderModel(PreTrainedModel):
@@ -370,10 +410,12 @@ class Videollama3VisionEncoderModel(PreTrainedModel):
     def __init__(self, config: Videollama3VisionEncoderConfig):
         super().__init__(config)
         self.num_heads = config.num_attention_heads
+        self.patch_dim = config.num_channels * config.patch_size**2
         self.rotary = Videollama3VisionRotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
         self.embeddings = Videollama3VisionEmbeddings(config)
         self.encoder = Videollama3VisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.merger = Videollama3VisionMerger()
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, grid_sizes: torch.Tensor, merge_sizes: torch.Tensor) -> torch.Tensor:
@@ -381,58 +423,29 @@ class Videollama3VisionEncoderModel(PreTrainedModel):
         Args:
             pixel_values: `(N, C*p*p)` patches, items in order, frames in order, patches of each frame
                 in merge-block order.
-            grid_sizes: `(k, 3)` rows `[t, gh, gw]` in patches before merging, one per item.
+            grid_sizes: `(k, 3)` rows `[t, h, w]` in patches before merging, one per item.
             merge_sizes: `(k,)` spatial downsampling factor `m` of each item.
 
         Returns:
             `(M, D_v)` merged tokens: each item bilinearly downsampled by its `m`, row-major per frame.
         """
-        grids = [tuple(g) for g in grid_sizes.tolist()]
-        merges = merge_sizes.tolist()
-        if len(grids) != len(merges):
-            raise ValueError(f"grid_sizes has {len(grids)} items but merge_sizes has {len(merges)}")
-        for i, ((t, h, w), m) in enumerate(zip(grids, merges)):
-            if min(t, h, w, m) < 1 or h % m or w % m:
-                raise ValueError(f"item {i}: grid (t={t}, h={h}, w={w}) is not a positive multiple of merge size {m}")
-        expected = sum(t * h * w for t, h, w in grids)
-        if pixel_values.shape[0] != expected:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_sizes describe {expected}")
-
+        grids, merges = check_visual_inputs(pixel_values, grid_sizes, merge_sizes, patch_dim=self.patch_dim)
         device = pixel_values.device
         cos, signed_sin = self.rotary(grids, merges, device)  # 2 x (N, 1, hd)
         hidden_states = self.embeddings(pixel_values)  # (N, D_v)
-        if torch.is_grad_enabled() or device.type != "cpu":
-            plan = VisionAttentionPlan.from_grids(grids, self.num_heads, device)
-            hidden_states = self.post_layernorm(self.encoder(hidden_states, (cos, signed_sin), plan))  # (N, D_v)
-        else:
-            # No frame ever attends to another, so CPU inference takes groups of whole frames
-            # through all layers, in place: every intermediate has at most INFERENCE_GROUP_TOKENS
-            # rows instead of N, with the same results (bit for bit in the tests and at SigLIP
-            # width). On CPU, RAM is the scarce resource and each large fresh tensor costs page
-            # faults; GPUs keep whole-tensor calls.
+        low_memory = not torch.is_grad_enabled()  # the one switch to the inference-only memory paths
+        if low_memory and device.type == "cpu":
+            # No frame attends to another, so CPU inference takes groups of whole frames through all
+            # layers, in place: every intermediate has at most INFERENCE_GROUP_TOKENS rows instead of N.
             for start, end, group in frame_groups(grids, INFERENCE_GROUP_TOKENS):
-                plan = VisionAttentionPlan.from_grids(group, self.num_heads, device)
+                plan = VisionAttentionPlan.from_grids(group, self.num_heads, device, low_memory=True)
                 rope = (cos[start:end], signed_sin[start:end])
                 group_states = self.encoder(hidden_states[start:end], rope, plan)  # (n, D_v)
                 hidden_states[start:end] = self.post_layernorm(group_states)  # (n, D_v)
-
-        items = hidden_states.split([t * h * w for t, h, w in grids])
-        return torch.cat([downsample(x, grid, m) for x, grid, m in zip(items, grids, merges)])  # (M, D_v)
-
-
-def downsample(x: torch.Tensor, grid: tuple[int, int, int], m: int) -> torch.Tensor:
-    """Bilinear resize of one item's `(t*h*w, D)` patches (merge-block order) by `1/m` per side."""
-    if m == 1:
-        return x  # (t*h*w, D): merge-block order with m=1 is already row-major
-    if m == 2:
-        # A factor-2 bilinear resize (align_corners=False) samples midway between each pixel pair:
-        # exactly the mean of each 2x2 block, and those 4 patches are contiguous in merge-block order.
-        return x.view(-1, 4, x.shape[-1]).mean(1)  # (t*h/2*w/2, D)
-    t, h, w = grid
-    D = x.shape[-1]
-    spatial = x.view(t, h // m, w // m, m, m, D).permute(0, 5, 1, 3, 2, 4).reshape(t, D, h, w)  # (t, D, h, w)
-    merged = F.interpolate(spatial, size=(h // m, w // m), mode="bilinear", align_corners=False)  # (t, D, h/m, w/m)
-    return merged.permute(0, 2, 3, 1).reshape(-1, D)  # (t*h/m*w/m, D)
+        else:
+            plan = VisionAttentionPlan.from_grids(grids, self.num_heads, device, low_memory=low_memory)
+            hidden_states = self.post_layernorm(self.encoder(hidden_states, (cos, signed_sin), plan))  # (N, D_v)
+        return self.merger(hidden_states, grids, merges)  # (M, D_v)
 
 
 class Videollama3Projector(nn.Module):
@@ -460,8 +473,27 @@ class Videollama3PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
 
+def packed_boundaries(position_ids: torch.Tensor) -> dict:
+    """Flash-attention's varlen kwargs for one row of `position_ids` `(1, S)`; empty unless it is packed.
+
+    The samples are those of transformers' own packed mask (`find_packed_sequence_indices`: a new
+    sample wherever the positions do not go up by one), so per-sample attention matches it exactly.
+    """
+    samples = find_packed_sequence_indices(position_ids)  # (1, S) sample index of each token, None for one sample
+    if samples is None:
+        return {}
+    lengths = torch.bincount(samples[0])  # (samples,)
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (samples + 1,)
+    longest = int(lengths.max())
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest, "max_length_k": longest}
+
+
 class Videollama3Qwen2Model(Qwen2Model):
-    """Qwen2 decoder whose `<image>` placeholder embeddings are replaced by projected vision tokens."""
+    """Qwen2 decoder whose `<image>` placeholder embeddings are replaced by projected vision tokens.
+
+    Its tensor-parallel plan is Qwen2's plus the projector's (the config's `base_model_tp_plan`) and
+    the vision encoder's (its own config's), which transformers collects from the child model.
+    """
 
     config_class = Videollama3Qwen2Config
     _no_split_modules = ["Videollama3VisionEncoderLayer", "Qwen2DecoderLayer"]
@@ -476,13 +508,9 @@ class Videollama3Qwen2Model(Qwen2Model):
 
     def get_visual_features(self, pixel_values, grid_sizes, merge_sizes, compression_mask=None) -> torch.Tensor:
         """Project all items' merged tokens and keep those the processor kept: `(K, D_t)`."""
+        check_visual_inputs(pixel_values, grid_sizes, merge_sizes, compression_mask, self.vision_encoder.patch_dim)
         features = self.mm_projector(self.vision_encoder(pixel_values, grid_sizes, merge_sizes))  # (M, D_t)
         if compression_mask is not None:
-            if compression_mask.shape[0] != features.shape[0]:
-                raise ValueError(
-                    f"compression_mask has {compression_mask.shape[0]} entries but the visual inputs give "
-                    f"{features.shape[0]} merged tokens"
-                )
             features = features[compression_mask.bool()]  # (K, D_t)
         return features
 
@@ -506,7 +534,8 @@ class Videollama3Qwen2Model(Qwen2Model):
         if self.training and torch.is_grad_enabled():
             # Sharded data-parallel training (ZeRO-3, FSDP) hangs if one rank skips the vision tower
             # while others run it; a one-patch dummy pass, multiplied by zero, keeps ranks in step.
-            dummy = pixel_values_like(self.vision_encoder.embeddings.patch_embedding.weight)
+            weight = self.vision_encoder.embeddings.patch_embedding.weight
+            dummy = torch.zeros(1, weight[0].numel(), dtype=weight.dtype, device=weight.device)  # (1, C*p*p)
             grid = torch.ones(1, 3, dtype=torch.long, device=dummy.device)
             merge = torch.ones(1, dtype=torch.long, device=dummy.device)
             inputs_embeds = inputs_embeds + 0.0 * self.get_visual_features(dummy, grid, merge).sum()
@@ -563,8 +592,41 @@ class Videollama3Qwen2Model(Qwen2Model):
         )
 
 
-def pixel_values_like(weight: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(1, weight[0].numel(), dtype=weight.dtype, device=weight.device)  # (1, C*p*p)
+def repeat_items_per_sample(vision: dict, placeholders_per_sample: list[int], expand_size: int) -> dict:
+    """Repeat each sample's visual items `expand_size` times, keeping samples in order."""
+    grids = vision["grid_sizes"].tolist()
+    merges = vision["merge_sizes"].tolist()
+    patches = [t * h * w for t, h, w in grids]
+    merged = [num_merged_tokens(t, h, w, m) for (t, h, w), m in zip(grids, merges)]
+    mask = vision["compression_mask"]
+    kept = mask.split(merged) if mask is not None else None
+    kept_counts = [int(k.sum()) for k in kept] if kept is not None else merged
+
+    items_of_sample, item = [], 0
+    for sample, wanted in enumerate(placeholders_per_sample):
+        first, count = item, 0
+        while count < wanted and item < len(grids):
+            count += kept_counts[item]
+            item += 1
+        if count != wanted:
+            raise ValueError(
+                f"Image features and image tokens do not match: sample {sample} has {wanted} <image> tokens but its "
+                f"visual items give {count} features"
+            )
+        items_of_sample.append(range(first, item))
+    if item != len(grids):
+        raise ValueError(
+            f"Image features and image tokens do not match: {len(grids) - item} visual items have no <image> tokens"
+        )
+    order = [i for items in items_of_sample for _ in range(expand_size) for i in items]
+
+    pixel_chunks = vision["pixel_values"].split(patches)
+    return {
+        "pixel_values": torch.cat([pixel_chunks[i] for i in order]),
+        "grid_sizes": vision["grid_sizes"][order],
+        "merge_sizes": vision["merge_sizes"][order],
+        "compression_mask": torch.cat([kept[i] for i in order]) if kept is not None else None,
+    }
 
 
 class Videollama3Qwen2ForCausalLM(Videollama3PreTrainedModel, GenerationMixin):
@@ -572,6 +634,7 @@ class Videollama3Qwen2ForCausalLM(Videollama3PreTrainedModel, GenerationMixin):
     # for a model built in code rather than loaded through an Auto class.
     _auto_class = "AutoModelForCausalLM"
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # as Qwen2ForCausalLM: each rank a vocabulary slice, gathered
 
     def __init__(self, config: Videollama3Qwen2Config):
         super().__init__(config)
@@ -619,7 +682,7 @@ class Videollama3Qwen2ForCausalLM(Videollama3PreTrainedModel, GenerationMixin):
         r"""
         Args:
             pixel_values: `(N, 3*14*14)` flat patches of every image and video frame in the batch.
-            grid_sizes: `(k, 3)` rows `[t, gh, gw]` per visual item, in patches before merging.
+            grid_sizes: `(k, 3)` rows `[t, h, w]` per visual item, in patches before merging.
             merge_sizes: `(k,)` per-item merge size (1 for images, 2 for videos by default).
             compression_mask: `(M,)` bool over all merged tokens, True where the processor kept the
                 token (Differential Frame Pruner); the prompt holds one `<image>` per kept token.
@@ -672,41 +735,33 @@ class Videollama3Qwen2ForCausalLM(Videollama3PreTrainedModel, GenerationMixin):
         return input_ids, model_kwargs
 
 
-def repeat_items_per_sample(vision: dict, placeholders_per_sample: list[int], expand_size: int) -> dict:
-    """Repeat each sample's visual items `expand_size` times, keeping samples in order."""
-    grids = vision["grid_sizes"].tolist()
-    merges = vision["merge_sizes"].tolist()
-    patches = [t * h * w for t, h, w in grids]
-    merged = [t * (h // m) * (w // m) for (t, h, w), m in zip(grids, merges)]
-    mask = vision["compression_mask"]
-    kept = mask.split(merged) if mask is not None else None
-    kept_counts = [int(k.sum()) for k in kept] if kept is not None else merged
+def packed_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """sdpa that attends within each sample of a packed row, one causal call per sample.
 
-    items_of_sample, item = [], 0
-    for sample, wanted in enumerate(placeholders_per_sample):
-        first, count = item, 0
-        while count < wanted and item < len(grids):
-            count += kept_counts[item]
-            item += 1
-        if count != wanted:
-            raise ValueError(
-                f"Image features and image tokens do not match: sample {sample} has {wanted} <image> tokens but its "
-                f"visual items give {count} features"
-            )
-        items_of_sample.append(range(first, item))
-    if item != len(grids):
-        raise ValueError(
-            f"Image features and image tokens do not match: {len(grids) - item} visual items have no <image> tokens"
-        )
-    order = [i for items in items_of_sample for _ in range(expand_size) for i in items]
+    transformers' sdpa path gives a packed row (one row, `position_ids` restarting per sample) a
+    block-diagonal `(S, S)` mask, so every call computes all S x S scores and cannot use the causal
+    kernel. The samples' boundaries (`cu_seq_lens_q`, passed by `Videollama3Qwen2Model` for packed
+    rows, as flash-attention reads them) make it sum(S_i^2) / 2 instead. Anything else (padded
+    batches, generation with a cache) is plain sdpa with its mask.
+    """
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if cu_seq_lens_q is None:
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q describes the samples of one packed row, but the batch has {query.shape[0]} rows")
+    kwargs.pop("is_causal", None)
+    # split, not one slice per sample: each slice's backward writes its gradient into a zeroed
+    # tensor of the whole row, which makes the backward O(samples x S); split's is one cat.
+    sizes = cu_seq_lens_q.diff().tolist()
+    outputs = [
+        sdpa(module, q, k, v, None, is_causal=True, **kwargs)[0]
+        for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
+    ]  # each (1, S_i, nh, hd)
+    return torch.cat(outputs, dim=1), None  # (1, S, nh, hd)
 
-    pixel_chunks = vision["pixel_values"].split(patches)
-    return {
-        "pixel_values": torch.cat([pixel_chunks[i] for i in order]),
-        "grid_sizes": vision["grid_sizes"][order],
-        "merge_sizes": vision["merge_sizes"][order],
-        "compression_mask": torch.cat([kept[i] for i in order]) if kept is not None else None,
-    }
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 __all__ = [

@@ -1,8 +1,6 @@
-"""VideoLLaMA3 video processor: PyAV sampling at `fps`, frame resize and patchify, and the
-Differential Frame Pruner (DiffFP, paper section 3.3). PyAV, Pillow, NumPy and torch only.
-
-Files are demuxed once without decoding to learn every frame's time, then only the chosen frames
-are decoded, scaled straight to the model's size. Shape letters: see `image_processing_videollama3`.
+"""VideoLLaMA3 video processor: PyAV sampling at `fps`, frame resize and patchify, and the Differential Frame
+Pruner (DiffFP, paper section 3.3), with PyAV, Pillow, NumPy and torch only. A file is demuxed once without
+decoding to learn every frame's time; only the chosen frames are decoded, scaled straight to the model's size.
 """
 
 import bisect
@@ -19,17 +17,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
-from .image_processing_videollama3 import (
-    URL_TIMEOUT,
-    PixelProcessing,
-    Videollama3ImageProcessorKwargs,
-    batch_feature,
-    describe,
-    load_image,
-    local_path,
-    merged_tokens,
-    resize_frames,
-)
+from .image_processing_videollama3 import (URL_TIMEOUT, PixelProcessing, Videollama3ImageProcessorKwargs, describe,
+                                          load_image, local_path, num_merged_tokens, resize_frames)
 
 # Below this many pixels a picture decodes faster on one thread (starting the decoder's threads
 # costs more than they save); larger pictures take PyAV's frame + slice threads. Same pixels either way.
@@ -38,23 +27,17 @@ SINGLE_THREAD_PIXELS = 320 * 240
 
 @dataclass
 class SampledVideo:
-    """The frames chosen from one video: their true times, and their pixels at any size on demand.
-
-    `read(height, width)` gives `(T, height, width, 3)` uint8 RGB; `shape` is `(T, H, W)` as displayed.
-    """
+    """The frames chosen from one video: their true times (s), `shape` `(T, H, W)` as displayed, and
+    `frames_at(height, width)`, their pixels at any size on demand as `(T, height, width, 3)` uint8 RGB."""
 
     timestamps: list
     shape: tuple
-    source: str
-    read: Callable[[int, int], np.ndarray]
+    frames_at: Callable[[int, int], np.ndarray]
     metadata: VideoMetadata
 
     @property
     def frames(self) -> np.ndarray:
-        return self.read(*self.shape[1:])  # (T, H, W, 3)
-
-    def frames_at(self, height: int, width: int) -> np.ndarray:
-        return self.read(height, width)  # (T, height, width, 3)
+        return self.frames_at(*self.shape[1:])  # (T, H, W, 3)
 
 
 def check_sampling(fps, max_frames, start_time=None, end_time=None, name="video"):
@@ -73,17 +56,12 @@ def check_sampling(fps, max_frames, start_time=None, end_time=None, name="video"
 
 def linspace_picks(count: int, max_frames: int) -> list[int]:
     """All of `count` frames, or `max_frames` spread evenly over them, first and last kept."""
-    if count <= max_frames:
-        return list(range(count))
-    return np.linspace(0, count - 1, max_frames).astype(np.int64).tolist()
+    return list(range(count)) if count <= max_frames else np.linspace(0, count - 1, max_frames).astype(np.int64).tolist()
 
 
 def sample_grid(times: list, fps: float, start: float, end: float | None) -> list[int]:
-    """Indices into sorted `times` of the frames on screen at start, start + 1/fps, start + 2/fps, ...
-
-    The frame on screen at t is the last one presented at or before t (what a player shows);
-    the first target takes the first frame at or after `start`.
-    """
+    """Indices into sorted `times` of the frames on screen (the last presented at or before t, as a player shows)
+    at t = start, start + 1/fps, ...; the first target takes the first frame at or after `start`."""
     tolerance = 1e-6  # float slack only
     last = times[-1] if end is None else min(times[-1], end)
     first = bisect.bisect_left(times, start - tolerance)
@@ -98,9 +76,8 @@ def sample_grid(times: list, fps: float, start: float, end: float | None) -> lis
 
 def _open(source, name):
     """A PyAV container; `source` is a path/URL string, bytes or a seekable file object."""
-    if isinstance(source, bytes):
-        source = io.BytesIO(source)
-    elif hasattr(source, "seek"):
+    source = io.BytesIO(source) if isinstance(source, bytes) else source
+    if hasattr(source, "seek"):
         source.seek(0)
     try:
         return av.open(source, mode="r", timeout=URL_TIMEOUT)
@@ -109,11 +86,9 @@ def _open(source, name):
 
 
 def _nonreference_test(stream):
-    """For H.264 in MP4/MKV (length-prefixed NAL units), a test telling whether a packet holds only
-    non-reference slices (nal_ref_idc == 0), so skipping it changes no other decoded picture.
-    None for other codecs and layouts, which are always decoded in full."""
-    context = stream.codec_context
-    extradata = context.extradata
+    """For H.264 in MP4/MKV (length-prefixed NAL units), a test of whether a packet holds only non-reference slices
+    (nal_ref_idc 0), so skipping it changes no other picture; None for other codecs (decoded in full)."""
+    context, extradata = stream.codec_context, stream.codec_context.extradata
     if context.name != "h264" or not extradata or extradata[0] != 1 or len(extradata) < 5:
         return None
     length_size = (extradata[4] & 3) + 1  # avcC lengthSizeMinusOne
@@ -183,7 +158,7 @@ def _decode(source, name, pts: list, seek: bool, rotation: int, height=None, wid
                     if next_pick == len(pts):
                         return out
         except av.error.FFmpegError as error:
-            raise ValueError(f"video {name} is corrupt or truncated (decoding failed after {filled} frames: {error})") from None
+            raise ValueError(f"video {name} is corrupt or truncated ({filled} frames decoded, then: {error})") from None
     if height is None:
         raise ValueError(f"video {name} has no decodable video frames")
     raise ValueError(f"video {name}: {len(pts)} frames were listed by the container but only {filled} could be "
@@ -193,12 +168,10 @@ def _decode(source, name, pts: list, seek: bool, rotation: int, height=None, wid
 def probe_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None) -> SampledVideo:
     """Demux a video file without decoding, choose the frames shown at `fps` (at most `max_frames`,
     spread by linspace, each keeping its true time) and decode one frame for size and rotation."""
-    name = describe(source)
-    if isinstance(source, (str, os.PathLike)):
-        text = str(source)
-        source = text if "://" in text and not text.startswith("file://") else local_path(source, "video")
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        source = bytes(source)
+    name, text = describe(source), str(source)
+    if isinstance(source, (str, os.PathLike)) and ("://" not in text or text.startswith("file://")):
+        source = local_path(source, "video")  # URLs go to FFmpeg as they are
+    source = bytes(source) if isinstance(source, (bytearray, memoryview)) else source
     with _open(source, name) as container:
         stream = _video_stream(container, name)
         time_base, pts = float(stream.time_base), []
@@ -223,15 +196,23 @@ def probe_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None)
     height, width = (first.width, first.height) if rotation % 2 else (first.height, first.width)
     metadata = VideoMetadata(total_num_frames=len(pts), fps=average_rate, width=width, height=height,
                              duration=times[-1], video_backend="pyav", frames_indices=indices)
-    return SampledVideo([round((p - origin) * time_base, 6) for p in chosen], (len(chosen), height, width), name,
+    return SampledVideo([round((p - origin) * time_base, 6) for p in chosen], (len(chosen), height, width),
                         lambda h, w: _decode(source, name, chosen, seek, rotation, h, w), metadata)
 
 
-def frames_video(frames, timestamps=None, fps=1.0, max_frames=180, start_time=None, end_time=None, name="<frames>"):
-    """Frames already in memory (`(T, H, W, C)` or `(T, C, H, W)` array or tensor, or a list of images),
-    taken as sampled at `fps` unless `timestamps` gives their times; trimmed and thinned like a file."""
-    if isinstance(frames, torch.Tensor):
-        frames = frames.detach().cpu().numpy()
+def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, timestamps=None) -> SampledVideo:
+    """A video sampled at `fps` with PyAV (a path or URL, bytes, a file object), or frames already in memory (a
+    `(T, H, W, C)` or `(T, C, H, W)` array or tensor, a list of frames) taken as sampled at `fps` unless `timestamps`
+    gives their seconds. Frames are those shown at start, start + 1/fps, ...; over `max_frames`, linspace picks
+    that many. A clip shorter than one sampling interval still gives one frame."""
+    name = describe(source)
+    check_sampling(fps, max_frames, start_time, end_time, name)
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        return probe_video(source, fps, max_frames, start_time, end_time)
+    if not isinstance(source, (np.ndarray, torch.Tensor, list, tuple)):
+        raise TypeError(f"unsupported video input of type {type(source).__name__}; expected a path, URL, bytes, "
+                        "file object, (T, H, W, 3) array or list of frames")
+    frames = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4:
             raise ValueError(f"video {name} array must have shape (T, H, W, 3), got {tuple(frames.shape)}")
@@ -259,50 +240,25 @@ def frames_video(frames, timestamps=None, fps=1.0, max_frames=180, start_time=No
         rgb = np.stack(rgb)  # (T, H, W, 3)
     metadata = VideoMetadata(total_num_frames=len(frames), fps=fps, width=rgb.shape[2], height=rgb.shape[1],
                              video_backend="frames", frames_indices=keep)
-    return SampledVideo([timestamps[i] for i in keep], rgb.shape[:3], name,
-                        lambda h, w: resize_frames(rgb, h, w), metadata)
-
-
-def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, timestamps=None) -> SampledVideo:
-    """Sample a video at `fps` frames per second with PyAV, or take frames already in memory.
-
-    `source`: a path or URL, bytes, a binary file object, a `(T, H, W, 3)` array or tensor, or a
-    list of frames (arrays, PIL images, image paths). Frames are those shown at t = start,
-    start + 1/fps, ...; over `max_frames`, linspace picks that many. A clip shorter than one
-    sampling interval still gives its first frame. `timestamps`: seconds of in-memory frames.
-    """
-    name = describe(source)
-    check_sampling(fps, max_frames, start_time, end_time, name)
-    if isinstance(source, (np.ndarray, torch.Tensor, list, tuple)):
-        return frames_video(source, timestamps, fps, max_frames, start_time, end_time, name)
-    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(source, "read"):
-        return probe_video(source, fps, max_frames, start_time, end_time)
-    raise TypeError(f"unsupported video input of type {type(source).__name__}; expected a path, URL, bytes, "
-                    "file object, (T, H, W, 3) array or list of frames")
+    return SampledVideo([timestamps[i] for i in keep], rgb.shape[:3], lambda h, w: resize_frames(rgb, h, w), metadata)
 
 
 def as_video_list(videos) -> list:
     """`videos` as a list of videos; one video may be a path, an array or a list of frames."""
-    if videos is None:
-        return []
-    if isinstance(videos, (list, tuple)):
-        if videos and all(np.ndim(v) in (2, 3) and not isinstance(v, str) for v in videos):
-            return [list(videos)]  # one video given as its frames
-        return list(videos)
-    return [videos]
+    if not isinstance(videos, (list, tuple)):
+        return [] if videos is None else [videos]
+    one = videos and all(np.ndim(v) in (2, 3) and not isinstance(v, str) for v in videos)  # one video as its frames
+    return [list(videos)] if one else list(videos)
 
 
-def differential_frame_pruning(patches: torch.Tensor, grid, merge_size: int, threshold: float, min_tokens: int) -> torch.Tensor:
-    """DiffFP keep-mask `(T*gh/m*gw/m,)` of one video's normalised patches `(T*gh*gw, D)` (merge-block order).
-
-    Frame 0 is kept whole; a later merged token is kept when its mean absolute change from the
-    previous frame, in 0..255 pixel units, exceeds `threshold`; a frame keeping fewer than
-    `min_tokens` keeps its first `min_tokens` tokens (token order, not the most changed).
-    """
+def differential_frame_pruning(patches: torch.Tensor, grid, merge_size: int, threshold: float, min_tokens) -> torch.Tensor:
+    """DiffFP keep-mask `(T*gh/m*gw/m,)` of one video's normalised patches `(T*gh*gw, D)` in merge-block order: frame
+    0 whole; a later merged token where its mean absolute change from the previous frame (0..255 units) exceeds
+    `threshold`; a frame keeping fewer than `min_tokens` keeps its first ones (in order); `min_tokens` False keeps all."""
     t, gh, gw = (int(v) for v in grid)
-    per_frame = merged_tokens(1, gh, gw, merge_size)
-    if t == 1:
-        return torch.ones(per_frame, dtype=torch.bool)
+    per_frame = num_merged_tokens(1, gh, gw, merge_size)
+    if t == 1 or min_tokens is False:
+        return torch.ones(t * per_frame, dtype=torch.bool)
     tokens = patches.view(t, per_frame, -1)  # (T, gh/m*gw/m, m*m*D): a merged token's patches are contiguous
     change = torch.sub(tokens[1:], tokens[:-1]).abs_().mean(dim=-1) * 255  # (T-1, gh/m*gw/m)
     keep = torch.ones(t, per_frame, dtype=torch.bool)  # (T, gh/m*gw/m)
@@ -311,26 +267,16 @@ def differential_frame_pruning(patches: torch.Tensor, grid, merge_size: int, thr
     return keep.flatten()  # (T*gh/m*gw/m,)
 
 
-class Videollama3VideoProcessorKwargs(Videollama3ImageProcessorKwargs, total=False):
-    """Settings of the video processor: the pixel settings, sampling and DiffFP."""
-
-    fps: float
-    max_frames: int
-    use_token_compression: bool
-    compression_threshold: float
-    compression_min_tokens: int
+Videollama3VideoProcessorKwargs = TypedDict("Videollama3VideoProcessorKwargs", {  # pixel settings, sampling, DiffFP
+    **Videollama3ImageProcessorKwargs.__annotations__, "fps": float, "max_frames": int, "use_token_compression": bool,
+    "compression_threshold": float, "compression_min_tokens": int}, total=False)
 
 
 class Videollama3VideoProcessor(PixelProcessing, VideoProcessorMixin):
-    r"""Video processor of VideoLLaMA3: samples at `fps` (at most `max_frames`), resizes every frame
-    of a video alike within the token budget, patchifies, and prunes with DiffFP.
-
-    Not registered for `AutoVideoProcessor`: that class requires torchvision in transformers 5.x,
-    so the processor builds and saves its video processor itself.
-
-    Output (`BatchFeature`): `pixel_values (N, D)`, `grid_sizes (k, 3)` `[T, gh, gw]`,
-    `merge_sizes (k,)`, `compression_mask (M,)` (True = keep).
-    """
+    r"""Video processor of VideoLLaMA3: samples at `fps` (at most `max_frames`), resizes a video's frames alike
+    within the token budget, patchifies and prunes with DiffFP. Output as the image processor's, with
+    `grid_sizes` `[T, gh, gw]` and `compression_mask` True where kept. Not an `AutoVideoProcessor`: that class
+    requires torchvision in transformers 5.x, so the processor builds and saves this one itself."""
 
     valid_kwargs = Videollama3VideoProcessorKwargs
     model_input_names = ["pixel_values", "grid_sizes", "merge_sizes", "compression_mask"]
@@ -339,45 +285,24 @@ class Videollama3VideoProcessor(PixelProcessing, VideoProcessorMixin):
                  compression_min_tokens=1, **kwargs):
         super().__init__(**kwargs)
         check_sampling(fps, max_frames)
-        if isinstance(compression_min_tokens, bool) or not isinstance(compression_min_tokens, int) or compression_min_tokens < 0:
-            raise ValueError(f"compression_min_tokens must be an integer >= 0, got {compression_min_tokens!r}")
         self.fps, self.max_frames, self.use_token_compression = fps, max_frames, use_token_compression
         self.compression_threshold, self.compression_min_tokens = compression_threshold, compression_min_tokens
 
-    def fetch_videos(self, video, fps=None, max_frames=None, start_time=None, end_time=None, timestamps=None) -> SampledVideo:
+    def fetch_videos(self, video, fps=None, max_frames=None, start_time=None, end_time=None, timestamps=None):
         """One video (any form `load_video` takes) sampled at this processor's `fps` / `max_frames` unless given."""
-        fps, max_frames = self.fps if fps is None else fps, self.max_frames if max_frames is None else max_frames
-        return load_video(video, fps, max_frames, start_time, end_time, timestamps)
-
-    def sample_frames(self, metadata, fps=None, max_frames=None, start_time=None, end_time=None):
-        """Indices of the frames to sample from a constant-rate video described by `metadata`."""
-        times = [i / metadata.fps for i in range(metadata.total_num_frames)]
-        candidates = sample_grid(times, fps or self.fps, float(start_time or 0.0), end_time)
-        return np.array([candidates[i] for i in linspace_picks(len(candidates), max_frames or self.max_frames)])
-
-    def __call__(self, videos, **kwargs) -> BatchFeature:
-        return self.preprocess(videos, **kwargs)
+        return load_video(video, *self.settings(fps=fps, max_frames=max_frames), start_time, end_time, timestamps)
 
     def preprocess(self, videos, merge_size=2, sizes=None, min_tokens=None, max_tokens=None, use_token_compression=None,
                    compression_threshold=None, compression_min_tokens=None, return_tensors="pt") -> BatchFeature:
-        """Videos (a `SampledVideo`, anything `fetch_videos` takes, or a list of them) -> model inputs.
-
-        Args:
-            merge_size: an int for all videos, or one per video (official: 2).
-            sizes: `(H', W')` per video, when the caller shares the budget with other items.
-        """
+        """Videos (a `SampledVideo`, anything `fetch_videos` takes, or a list of them) -> model inputs;
+        `merge_size` an int or one per video, `sizes` `(H', W')` per video when the caller shares the budget."""
         items = [v if hasattr(v, "frames_at") else self.fetch_videos(v) for v in as_video_list(videos)]  # duck-typed
-        merges, sizes = self._settings_or_default(merge_size, len(items), sizes, min_tokens, max_tokens, [v.shape for v in items])
-        prune = self.use_token_compression if use_token_compression is None else use_token_compression
-        threshold = self.compression_threshold if compression_threshold is None else compression_threshold
-        minimum = self.compression_min_tokens if compression_min_tokens is None else compression_min_tokens
-        patches, grids, masks = [], [], []
-        for video, (h, w), m in zip(items, sizes, merges):
-            patches.append(self.to_patches(video.frames_at(h, w), m))  # (T*gh*gw, D)
-            grids.append((video.shape[0], h // self.patch_size, w // self.patch_size))
-            masks.append(differential_frame_pruning(patches[-1], grids[-1], m, threshold, minimum) if prune
-                         else torch.ones(merged_tokens(*grids[-1], m), dtype=torch.bool))
-        return batch_feature(patches, grids, merges, masks, return_tensors)
+        prune, threshold, least = self.settings(use_token_compression=use_token_compression,
+                                                compression_threshold=compression_threshold,
+                                                compression_min_tokens=compression_min_tokens)
+        return self.encode(items, [video.shape for video in items], lambda video, h, w: video.frames_at(h, w),
+                           lambda patches, grid, m: differential_frame_pruning(patches, grid, m, threshold, prune and least),
+                           merge_size, sizes, min_tokens, max_tokens, return_tensors)
 
 
 __all__ = ["Videollama3VideoProcessor", "SampledVideo", "load_video", "differential_frame_pruning"]

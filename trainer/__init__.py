@@ -10,12 +10,14 @@ from .data import (
     MediaLoadError,
     SampleError,
     SampleTooLongError,
+    TooManySkippedError,
     Videollama3DataCollator,
     build_collator,
     load_records,
     pack_samples,
     pad_samples,
 )
+from .checkpoint import copy_remote_code, register_auto_classes
 from .lora import build_lora_config, lora_target_regex, merge_adapter
 from .trainers import (
     STAGE_TRAINERS,
@@ -45,7 +47,10 @@ __all__ = [
     "SampleError",
     "MediaLoadError",
     "SampleTooLongError",
+    "TooManySkippedError",
     "build_lora_config",
     "lora_target_regex",
     "merge_adapter",
+    "register_auto_classes",
+    "copy_remote_code",
 ]

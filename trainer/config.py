@@ -1,6 +1,6 @@
 """Typed training recipes: one `SFTConfig` subclass and the four presets of the official 2B recipe.
 
-The paper trains VideoLLaMA3 in four stages (facts section 8). They share every setting except
+The paper trains VideoLLaMA3 in four stages (arXiv 2501.13106, section 3). They share every setting except
 which modules train, their learning rates, the image merge size and whether DiffFP prunes video
 tokens, so the presets below differ only there. Freezing is explicit: a module trains only when
 it is listed in `trainable_modules`, whatever its learning rate says.
@@ -29,16 +29,19 @@ class Videollama3SFTConfig(SFTConfig):
         vision_encoder_learning_rate, projector_learning_rate, llm_learning_rate: peak learning rate
             of each module's parameter group; None means `learning_rate`. A learning rate never
             decides whether a module trains.
-        image_merge_size: spatial merge of images (1 keeps every 14x14 patch as a token).
-        video_merge_size: spatial merge of video frames (2 averages 2x2 patches).
-        fps: video frames sampled per second.
-        max_frames: most frames per video; longer videos are sampled evenly (linspace).
-        max_visual_tokens: merged-token budget of one sample (all its images and frames share it).
-        use_token_compression: apply the Differential Frame Pruner to videos.
+        image_merge_size, video_merge_size, fps, max_frames, max_visual_tokens,
+            use_token_compression: the processor's media options (spatial merge of images and of
+            video frames, frames sampled per second, most frames per video, merged-token budget of
+            one sample, Differential Frame Pruner); None leaves the processor's own default, and the
+            stage presets set the official recipe's values.
         data_root: directory that relative media paths in the dataset are resolved against.
         media_error_policy: `fail` (default) raises on a sample whose media cannot be loaded or that
             is longer than `max_length`, naming its index and path; `skip` drops it, counts it and
             logs it.
+        max_skipped_fraction: under `skip`, the largest share of rows that may be skipped; more
+            stops the run with the first errors (checked over the whole dataset for missing media
+            and malformed rows before training, and over the rows encoded so far once at least
+            `SKIP_GUARD_MIN_ROWS` were, and at the end of training).
         add_system_prompt: prepend the official VideoLLaMA3 system prompt to conversations that
             have no system message.
         encoded_sample_cache: encoded samples kept in memory, keyed by row content, so rows seen
@@ -66,14 +69,17 @@ class Videollama3SFTConfig(SFTConfig):
     vision_encoder_learning_rate: float | None = field(default=None, metadata={"help": "LR of the vision encoder."})
     projector_learning_rate: float | None = field(default=None, metadata={"help": "LR of the projector."})
     llm_learning_rate: float | None = field(default=None, metadata={"help": "LR of the LLM."})
-    image_merge_size: int = field(default=1, metadata={"help": "Spatial merge size of images."})
-    video_merge_size: int = field(default=2, metadata={"help": "Spatial merge size of video frames."})
-    fps: float = field(default=1.0, metadata={"help": "Video frames sampled per second."})
-    max_frames: int = field(default=180, metadata={"help": "Most frames sampled from one video."})
-    max_visual_tokens: int = field(default=10240, metadata={"help": "Merged visual tokens per sample."})
-    use_token_compression: bool = field(default=True, metadata={"help": "Differential Frame Pruner for videos."})
+    image_merge_size: int | None = field(default=None, metadata={"help": "Spatial merge size of images."})
+    video_merge_size: int | None = field(default=None, metadata={"help": "Spatial merge size of video frames."})
+    fps: float | None = field(default=None, metadata={"help": "Video frames sampled per second."})
+    max_frames: int | None = field(default=None, metadata={"help": "Most frames sampled from one video."})
+    max_visual_tokens: int | None = field(default=None, metadata={"help": "Merged visual tokens per sample."})
+    use_token_compression: bool | None = field(default=None, metadata={"help": "Differential Frame Pruner for videos."})
     data_root: str | None = field(default=None, metadata={"help": "Directory relative media paths start from."})
     media_error_policy: str = field(default="fail", metadata={"help": "fail or skip."})
+    max_skipped_fraction: float = field(
+        default=0.05, metadata={"help": "Under skip: largest share of rows that may be skipped before the run stops."}
+    )
     add_system_prompt: bool = field(default=False, metadata={"help": "Prepend the official system prompt."})
     multimodal_packing: bool = field(default=False, metadata={"help": "Padding-free packing of each device batch."})
     encoded_sample_cache: int = field(default=0, metadata={"help": "Encoded samples kept in memory (0: none)."})
@@ -89,7 +95,7 @@ class Videollama3SFTConfig(SFTConfig):
 
     # TRL defaults overridden: the official recipe's values, and CPU-friendly automatic choices.
     max_length: int | None = field(default=16384, metadata={"help": "Longest sample in tokens (never truncated)."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None: on where CUDA has bf16."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None: on where the device has bf16."})
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing; None: on with CUDA."}
     )
@@ -117,10 +123,12 @@ class Videollama3SFTConfig(SFTConfig):
         if self.dataloader_worker_niceness and self.dataloader_num_workers < 1:
             raise ValueError(f"dataloader_worker_niceness={self.dataloader_worker_niceness} applies to data-loader "
                              f"workers, but dataloader_num_workers={self.dataloader_num_workers}: set it to 1 or more")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ValueError(f"max_skipped_fraction must be between 0 and 1, got {self.max_skipped_fraction!r}")
         for name in ("image_merge_size", "video_merge_size", "max_frames", "max_visual_tokens"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.fps > 0:
+        if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps!r}")
         if self.packing or self.padding_free:
             raise ValueError(
@@ -128,6 +136,13 @@ class Videollama3SFTConfig(SFTConfig):
             )
         if self.load_in_4bit and not self.lora:
             raise ValueError("load_in_4bit (QLoRA) trains LoRA adapters: set lora=True as well")
+        if self.lora and "llm" not in self.trainable_modules and not self.lora_vision:
+            where = f"stage {self.stage} freezes the LLM" if self.stage is not None else "the LLM is frozen"
+            raise ValueError(
+                f"lora=True puts adapters on the LLM, but {where} (trainable_modules={self.trainable_modules}): "
+                "use --lora_vision to adapt the vision encoder with LoRA (the projector then trains fully), "
+                "or train without --lora"
+            )
         cuda = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = cuda and torch.cuda.is_bf16_supported()
@@ -152,10 +167,11 @@ class Videollama3SFTConfig(SFTConfig):
         return self.learning_rate if value is None else value
 
 
-# What every stage of the official 2B recipe shares (facts section 8). Global batch 128 is
+# What every stage of the official 2B recipe shares (official: bf16, global batch 128, ZeRO-1).
+# bf16 stays None, so it is on where the device has it and CPUs train in fp32. Global batch is
 # per_device_train_batch_size x gradient_accumulation_steps x GPUs; set those for your cluster.
 COMMON = dict(
-    bf16=True,
+    bf16=None,
     lr_scheduler_type="cosine",
     warmup_ratio=0.03,
     num_train_epochs=1.0,

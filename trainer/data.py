@@ -2,7 +2,7 @@
 
 Two row formats are read (JSON, JSONL or parquet through `datasets`):
 
-* official (facts section 8): `{"image": path | [paths], "video": path | [paths],
+* official (the DAMO repository's): `{"image": path | [paths], "video": path | [paths],
   "conversations": [{"from": "human" | "gpt" | "system", "value": "<image>\\n..."}]}`; each
   `<image>` / `<video>` tag in a value stands for the next image / video of the row, and media
   without tags go before the first user text. Videos may be `{"video_path", "start_time",
@@ -29,12 +29,14 @@ from functools import cached_property
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import get_worker_info
 
 logger = logging.getLogger(__name__)
 
 INDEX_COLUMN = "sample_index"
+SOURCE_COLUMN = "sample_source"  # the file (or Hub dataset) a row came from, for error messages
 RECORD_COLUMN = "record_json"  # fallback storage of rows that Arrow cannot type (mixed str/list fields)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 TAG = re.compile(r"(<image>|<video>)")
@@ -42,12 +44,19 @@ IGNORE_INDEX = -100
 
 
 class SampleError(ValueError):
-    """A training sample that cannot be used; names the sample index (and media path)."""
+    """A training sample that cannot be used; names the data file (when known), the sample index
+    and the media path."""
 
-    def __init__(self, index, message, path=None):
-        self.index, self.path = index, path
+    def __init__(self, index, message, path=None, source=None):
+        self.index, self.path, self.source, self.cause = index, path, source, message
         where = f" (media {path!r})" if path is not None else ""
-        super().__init__(f"sample {index}{where}: {message}")
+        super().__init__(f"{source + ', ' if source else ''}sample {index}{where}: {message}")
+
+    def with_source(self, source: str | None) -> "SampleError":
+        """The same error, naming `source` (the data file) too."""
+        if source is None or self.source is not None:
+            return self
+        return type(self)(self.index, self.cause, self.path, source)
 
 
 class MediaLoadError(SampleError):
@@ -58,6 +67,28 @@ class SampleTooLongError(SampleError):
     """A sample longer than `max_length`; truncating it could cut through a visual block."""
 
 
+class TooManySkippedError(ValueError):
+    """More rows were skipped under `media_error_policy="skip"` than `max_skipped_fraction` allows."""
+
+
+# The streaming skip guard waits for this many encoded rows, so one bad row among the first few
+# does not stop a run whose overall share of bad rows is small.
+SKIP_GUARD_MIN_ROWS = 20
+# Errors quoted when the guard stops a run.
+QUOTED_ERRORS = 3
+
+
+def check_skipped(skipped: int, total: int, limit: float, errors: list, where: str) -> None:
+    """Raise `TooManySkippedError` when `skipped` of `total` rows is more than the share `limit`."""
+    if total and skipped / total > limit:
+        quoted = "; ".join(str(e) for e in errors[:QUOTED_ERRORS])
+        raise TooManySkippedError(
+            f"skipped {skipped} of {total} rows {where} ({skipped / total:.1%}), more than "
+            f"max_skipped_fraction={limit:.1%}; first errors: {quoted}. Fix the data, or raise "
+            "--max_skipped_fraction if losing these rows is intended"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading rows
 
@@ -65,7 +96,8 @@ class SampleTooLongError(SampleError):
 def load_records(source: str, split: str = "train") -> datasets.Dataset:
     """Rows of a JSON / JSONL / parquet file, a directory of them, or a Hub dataset name.
 
-    A `sample_index` column (the row number) is added so errors can name the sample.
+    A `sample_index` column (the row number) and a `sample_source` column (the file it came
+    from) are added so errors can name the sample. No rows at all is a `ValueError`.
     """
     path = Path(source)
     if path.is_dir():
@@ -78,22 +110,48 @@ def load_records(source: str, split: str = "train") -> datasets.Dataset:
         files = None
     if files is None:
         dataset = datasets.load_dataset(source, split=split)  # a Hub dataset (online only)
-    elif all(f.endswith(".parquet") for f in files):
-        dataset = datasets.load_dataset("parquet", data_files=files, split="train")
+        sources = [source] * len(dataset)
     else:
-        try:
-            dataset = datasets.load_dataset("json", data_files=files, split="train")
-        except Exception as error:  # Arrow cannot type e.g. "image" as str in one row, list in another
-            logger.info("datasets could not type %s (%s); storing rows as JSON strings", source, error)
-            dataset = datasets.Dataset.from_dict({RECORD_COLUMN: [json.dumps(r) for f in files for r in _read_json(f)]})
-    return dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))
+        files = [f for f in files if os.path.getsize(f) > 0]  # datasets cannot read an empty file
+        # With several files, each row's file is found by counting rows (one more read of each).
+        counts = {f: _count_rows(f) for f in files} if len(files) > 1 else {}
+        files = [f for f in files if counts.get(f, 1)]  # nor one holding no rows (`[]`)
+        if not files:
+            raise ValueError(f"no training rows in {source}")
+        sources = [f for f in files for _ in range(counts[f])] if counts else files
+        if all(f.endswith(".parquet") for f in files):
+            dataset = datasets.load_dataset("parquet", data_files=files, split="train")
+        else:
+            try:
+                dataset = datasets.load_dataset("json", data_files=files, split="train")
+            except Exception as error:  # Arrow cannot type e.g. "image" as str in one row, list in another
+                logger.info("datasets could not type %s (%s); storing rows as JSON strings", source, error)
+                dataset = datasets.Dataset.from_dict({RECORD_COLUMN: [json.dumps(r) for f in files for r in _read_json(f)]})
+    if len(dataset) == 0:
+        raise ValueError(f"no training rows in {source}")
+    if len(sources) != len(dataset):  # one file, or datasets read them otherwise than `_count_rows`
+        sources = [files[0] if files and len(files) == 1 else source] * len(dataset)
+    return dataset.add_column(INDEX_COLUMN, list(range(len(dataset)))).add_column(SOURCE_COLUMN, sources)
+
+
+def _count_rows(file: str) -> int:
+    """Rows in one data file (0 for an empty file, `[]` or blank lines)."""
+    if file.endswith(".parquet"):
+        return pq.ParquetFile(file).metadata.num_rows
+    return len(_read_json(file))
 
 
 def _read_json(file: str) -> list[dict]:
     with open(file, encoding="utf-8") as handle:
+        text = handle.read()
+    if not text.strip():
+        return []
+    try:
         if file.endswith(".jsonl"):
-            return [json.loads(line) for line in handle if line.strip()]
-        data = json.load(handle)
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON{' Lines' if file.endswith('.jsonl') else ''}: {error}") from error
     return data if isinstance(data, list) else [data]
 
 
@@ -124,6 +182,7 @@ class Conversation:
 
     index: int
     messages: list[dict]
+    source: str | None = None  # the data file, for error messages
 
     @property
     def media(self) -> list[MediaRef]:
@@ -138,14 +197,22 @@ def row_index(row: dict, record: dict | None = None) -> int | None:
 
 
 def to_conversation(row: dict, index: int | None = None) -> Conversation:
-    """Either row format as a `Conversation`; raises `SampleError` for a malformed row."""
+    """Either row format as a `Conversation`; raises `SampleError` (naming the row's data file) for
+    a malformed row."""
     record = row_record(row)
     index = row_index(row, record) if index is None else index
-    if record.get("conversations") is not None:
-        return Conversation(index, _official_messages(record, index))
-    if record.get("messages") is not None:
-        return Conversation(index, _messages_format(record, index))
-    raise SampleError(index, f"has neither 'conversations' nor 'messages' (keys: {sorted(k for k, v in record.items() if v is not None)})")
+    source = record.get(SOURCE_COLUMN, row.get(SOURCE_COLUMN))
+    try:
+        if record.get("conversations") is not None:
+            return Conversation(index, _official_messages(record, index), source)
+        if record.get("messages") is not None:
+            return Conversation(index, _messages_format(record, index), source)
+        keys = sorted(k for k, v in record.items() if v is not None and k not in (INDEX_COLUMN, SOURCE_COLUMN))
+        raise SampleError(index, f"has neither 'conversations' nor 'messages' (keys: {keys})")
+    except SampleError as error:
+        if error.source is not None or source is None:
+            raise
+        raise error.with_source(source) from error
 
 
 def _as_list(value) -> list:
@@ -171,6 +238,10 @@ def _image_ref(value) -> MediaRef:
 def _official_messages(record: dict, index) -> list[dict]:
     pending = {"image": [_image_ref(v) for v in _as_list(record.get("image"))],
                "video": [_video_ref(v, record) for v in _as_list(record.get("video"))]}
+    for kind in ("image", "video"):
+        tags = sum(str(turn.get("value") or "").count(f"<{kind}>") for turn in record["conversations"])
+        if tags > len(pending[kind]):
+            raise SampleError(index, f"has {tags} <{kind}> tags but {len(pending[kind])} {kind} entries")
     messages = []
     for turn in record["conversations"]:
         role = ROLES.get(turn.get("from"))
@@ -254,31 +325,42 @@ def resolve_path(source, data_root: str | None) -> object:
     return source
 
 
-def find_missing_media(dataset: datasets.Dataset, data_root: str | None) -> list[tuple[int, str]]:
-    """`(sample_index, path)` of every media file that does not exist (a cheap pass, no decoding)."""
-    missing = []
+def find_bad_rows(dataset: datasets.Dataset, data_root: str | None) -> list[SampleError]:
+    """One error per row that is malformed or names a media file that does not exist (a cheap
+    pass: rows are parsed, media are not decoded)."""
+    bad = []
     for row in dataset:
-        conversation = to_conversation(row)
-        for ref in conversation.media:
-            path = resolve_path(ref.source, data_root)
-            if isinstance(path, (str, os.PathLike)) and "://" not in str(path) and not os.path.exists(path):
-                missing.append((conversation.index, str(path)))
-    return missing
+        try:
+            conversation = to_conversation(row)
+        except SampleError as error:
+            bad.append(error)
+            continue
+        missing = [str(path) for ref in conversation.media
+                   if isinstance(path := resolve_path(ref.source, data_root), (str, os.PathLike))
+                   and "://" not in str(path) and not os.path.exists(path)]
+        if missing:
+            bad.append(MediaLoadError(conversation.index, "media file not found", ", ".join(missing), conversation.source))
+    return bad
 
 
-def check_media(dataset: datasets.Dataset, data_root: str | None, policy: str) -> datasets.Dataset:
-    """Fail on (policy `fail`) or drop (policy `skip`, counted and logged) rows with missing media."""
-    missing = find_missing_media(dataset, data_root)
-    if not missing:
+def check_rows(dataset: datasets.Dataset, data_root: str | None, policy: str,
+               max_skipped_fraction: float = 1.0) -> datasets.Dataset:
+    """Fail on (policy `fail`) or drop (policy `skip`, counted and logged) rows that are malformed
+    or have missing media; under `skip`, more than `max_skipped_fraction` of the rows is an error."""
+    bad = find_bad_rows(dataset, data_root)
+    if not bad:
         return dataset
     if policy == "fail":
-        index, path = missing[0]
-        raise MediaLoadError(index, f"media file not found ({len(missing)} missing in total)", path)
-    bad = {index for index, _ in missing}
-    for index, path in missing:
-        logger.warning("skipping sample %s: media file not found: %s", index, path)
-    logger.warning("skipped %d of %d samples with missing media", len(bad), len(dataset))
-    return dataset.filter(lambda row: row[INDEX_COLUMN] not in bad)
+        first = bad[0]
+        if len(bad) == 1:
+            raise first
+        raise type(first)(first.index, f"{first.cause} ({len(bad)} bad rows in total)", first.path, first.source)
+    for error in bad:
+        logger.warning("skipping %s", error)
+    logger.warning("skipped %d of %d rows before training (malformed or missing media)", len(bad), len(dataset))
+    check_skipped(len(bad), len(dataset), max_skipped_fraction, bad, "before training")
+    indices = {error.index for error in bad}
+    return dataset.filter(lambda row: row[INDEX_COLUMN] not in indices)
 
 
 def processor_messages(conversation: Conversation, data_root: str | None) -> list[dict]:
@@ -391,12 +473,13 @@ class SampleEncoder:
     processor: object
     data_root: str | None = None
     max_length: int | None = None
-    fps: float = 1.0
-    max_frames: int = 180
-    image_merge_size: int = 1
-    video_merge_size: int = 2
-    max_visual_tokens: int = 10240
-    use_token_compression: bool = True
+    # The processor's media options; None leaves the processor's own default.
+    fps: float | None = None
+    max_frames: int | None = None
+    image_merge_size: int | None = None
+    video_merge_size: int | None = None
+    max_visual_tokens: int | None = None
+    use_token_compression: bool | None = None
     add_system_prompt: bool = False
     cache_size: int = 0
     cache: SampleCache | None = None
@@ -409,7 +492,7 @@ class SampleEncoder:
         if self.cache is None:
             return self.encode(row)
         try:
-            content = json.dumps({k: v for k, v in row.items() if k != INDEX_COLUMN}, sort_keys=True)
+            content = json.dumps({k: v for k, v in row.items() if k not in (INDEX_COLUMN, SOURCE_COLUMN)}, sort_keys=True)
         except TypeError:  # in-memory media (PIL images, bytes, arrays) have no content key: not cached
             return self.encode(row)
         conversation = to_conversation(row)
@@ -464,7 +547,8 @@ class SampleEncoder:
             paths = media_paths(messages)
             named = [p for p in paths if p in str(error)] or paths
             kind = MediaLoadError if named and _is_media_error(error, named) else SampleError
-            raise kind(conversation.index, f"{type(error).__name__}: {error}", ", ".join(named) or None) from error
+            raise kind(conversation.index, f"{type(error).__name__}: {error}", ", ".join(named) or None,
+                       conversation.source) from error
         input_ids = torch.as_tensor(out["input_ids"])[0]  # (S,)
         if "assistant_masks" not in out:
             raise ValueError(
@@ -478,6 +562,7 @@ class SampleEncoder:
                 conversation.index,
                 f"has {input_ids.numel()} tokens, more than max_length={self.max_length}; it is not truncated "
                 "because truncation could cut through a visual block (raise max_length or lower max_visual_tokens)",
+                source=conversation.source,
             )
         if not bool(mask.any()):
             logger.warning("sample %s has no assistant tokens to learn from", conversation.index)
@@ -491,7 +576,8 @@ class SampleEncoder:
         return sample
 
     def processor_kwargs(self) -> dict:
-        return {
+        """The media options that are set (the processor keeps its defaults for the others)."""
+        options = {
             "fps": self.fps,
             "max_frames": self.max_frames,
             "image_merge_size": self.image_merge_size,
@@ -499,6 +585,7 @@ class SampleEncoder:
             "max_tokens": self.max_visual_tokens,
             "use_token_compression": self.use_token_compression,
         }
+        return {k: v for k, v in options.items() if v is not None}
 
 
 def _is_media_error(error: Exception, named: list[str]) -> bool:
@@ -564,7 +651,10 @@ class Videollama3DataCollator:
 
     Under `media_error_policy="skip"`, a sample that cannot be used (media that fail to decode, too
     long) is counted in `skipped`, logged, and replaced by the next usable row of `dataset` so the
-    batch keeps its size; under `fail` the `SampleError` (index and path) propagates.
+    batch keeps its size; under `fail` the `SampleError` (index and path) propagates. Under `skip`,
+    once `SKIP_GUARD_MIN_ROWS` rows were encoded, skipping more than `max_skipped_fraction` of them
+    raises `TooManySkippedError` naming the first errors (`check_skipped` checks again without the
+    minimum, e.g. at the end of training). Each data-loader worker counts its own rows.
 
     `worker_niceness`: called in a data-loader worker, the collator first adds this to the
     worker's niceness (once per process), so encoding yields the CPU to the training's threads.
@@ -577,7 +667,10 @@ class Videollama3DataCollator:
     dataset: datasets.Dataset | None = None
     max_replacement_tries: int = 16
     worker_niceness: int = 0
+    max_skipped_fraction: float = 1.0
     skipped: Counter = field(default_factory=Counter)
+    encoded: int = 0  # rows tried (used or skipped)
+    errors: list = field(default_factory=list)  # the first skipped rows' errors
     _niced_process: int | None = field(default=None, init=False, repr=False)
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -586,11 +679,19 @@ class Videollama3DataCollator:
             self._niced_process = os.getpid()
         samples = [self._encode(row) for row in rows]
         samples = [s for s in samples if s is not None]
+        if self.encoded >= SKIP_GUARD_MIN_ROWS:
+            self.check_skipped()
         if not samples:
             raise RuntimeError("every sample of this batch was skipped and no replacement could be loaded")
         return pack_samples(samples) if self.packing else pad_samples(samples, self.pad_token_id)
 
+    def check_skipped(self) -> None:
+        """Raise `TooManySkippedError` if more than `max_skipped_fraction` of the rows tried were skipped."""
+        check_skipped(sum(self.skipped.values()), self.encoded, self.max_skipped_fraction, self.errors,
+                      "while encoding")
+
     def _encode(self, row: dict) -> EncodedSample | None:
+        self.encoded += 1
         try:
             return self.encoder(row)
         except SampleError as error:
@@ -602,6 +703,7 @@ class Videollama3DataCollator:
         position = int(row.get(INDEX_COLUMN, 0) or 0)
         for step in range(1, self.max_replacement_tries + 1):
             candidate = self.dataset[(position + step) % len(self.dataset)]
+            self.encoded += 1
             try:
                 return self.encoder(candidate)
             except SampleError as error:
@@ -610,6 +712,8 @@ class Videollama3DataCollator:
 
     def _skip(self, error: SampleError):
         self.skipped[type(error).__name__] += 1
+        if len(self.errors) < QUOTED_ERRORS:
+            self.errors.append(error)
         logger.warning("skipping %s (%d skipped so far)", error, sum(self.skipped.values()))
 
 
@@ -633,5 +737,5 @@ def build_collator(processor, config, dataset=None, sample_cache: SampleCache | 
     tokenizer = getattr(processor, "tokenizer", processor)
     return Videollama3DataCollator(
         encoder, tokenizer.pad_token_id, config.multimodal_packing, config.media_error_policy, dataset,
-        worker_niceness=config.dataloader_worker_niceness,
+        worker_niceness=config.dataloader_worker_niceness, max_skipped_fraction=config.max_skipped_fraction,
     )

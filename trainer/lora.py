@@ -6,6 +6,10 @@ self_attn.q_proj`) is not; a plain list `["q_proj", ...]` would match both by su
 """
 
 import torch
+from peft import LoraConfig, PeftConfig, PeftModel, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig
+
+from .checkpoint import copy_remote_code, register_auto_classes
 
 # Linear layers of the Qwen2 decoder: attention q/k/v/o and the SwiGLU MLP.
 LLM_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -28,8 +32,6 @@ def build_lora_config(model, args):
     trained fully and saved with the adapter (`modules_to_save`); the vision encoder gets adapters
     only with `lora_vision=True` (otherwise it stays frozen under LoRA).
     """
-    from peft import LoraConfig
-
     modules_to_save = ["mm_projector"] if "mm_projector" in args.trainable_modules else None
     return LoraConfig(
         r=args.lora_r,
@@ -63,15 +65,10 @@ def load_model(path: str, args=None, **kwargs):
     With `args.load_in_4bit`, only the LLM's linears are quantized (NF4, bf16 compute); the vision
     encoder, projector and LM head stay in bf16.
     """
-    from transformers import AutoModelForCausalLM
-
     kwargs = {**((args.model_init_kwargs or {}) if args is not None else {}), **kwargs}
     kwargs["trust_remote_code"] = True  # the model class lives in the checkpoint's remote code
     if args is not None and args.load_in_4bit:
         check_qlora_supported()
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -89,14 +86,7 @@ def load_model(path: str, args=None, **kwargs):
 
 def merge_adapter(adapter_dir: str, output_dir: str, base_model_dir: str | None = None) -> str:
     """Fold a LoRA adapter into its base model and save a complete checkpoint (with processor and code)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    from .trainers import copy_remote_code, register_auto_classes
-
     if base_model_dir is None:
-        from peft import PeftConfig
-
         base_model_dir = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, trust_remote_code=True)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

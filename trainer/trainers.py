@@ -6,39 +6,24 @@ built from module identity (vision encoder / projector / LLM, each with decay an
 multimodal collator, and a `save_model` that writes a complete, loadable checkpoint (model,
 processor, remote-code files). The four stage classes only name their stage; the recipe itself
 is the stage's `Videollama3SFTConfig` preset. Only public hooks are overridden: `__init__`,
-`create_optimizer`, `save_model`.
+`create_optimizer`, `log`, `train`, `create_model_card`, `save_model`.
 """
 
-import inspect
+import copy
 import logging
 import os
-import shutil
-from pathlib import Path
 
 from torch import nn
+from transformers import AutoProcessor, TrainerCallback
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from trl import SFTTrainer
 
+from .checkpoint import copy_remote_code, model_card, register_auto_classes, unwrap
 from .config import MODULES, STAGE_NAMES, Videollama3SFTConfig, stage_config
-from .data import INDEX_COLUMN, build_collator, check_media
+from .data import INDEX_COLUMN, SOURCE_COLUMN, build_collator, check_rows
+from .lora import build_lora_config, load_model
 
 logger = logging.getLogger(__name__)
-
-
-class _InitKwargsApplied(logging.Filter):
-    """Drops SFTTrainer's "model_init_kwargs will be ignored" for a model this trainer loaded from a
-    path with those very kwargs (`load_model`): SFTTrainer only sees the loaded model."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "model_init_kwargs" not in record.getMessage()
-
-REMOTE_CODE_FILES = (
-    "configuration_videollama3.py",
-    "modeling_videollama3.py",
-    "processing_videollama3.py",
-    "image_processing_videollama3.py",
-    "video_processing_videollama3.py",
-)
 
 
 # Registered by modeling_videollama3 when it is imported (`packed_sdpa_attention` there).
@@ -49,17 +34,9 @@ def use_packed_attention(model: nn.Module) -> None:
     """Under sdpa, let packed rows attend one sample at a time instead of through sdpa's dense
     block-diagonal mask (the same numbers; on CPU the attention of a 4-sample row costs about a
     third). flash-attention already reads the samples' boundaries; eager is left as asked."""
+    # transformers has a public setter (`set_attn_implementation`) but no public getter of the choice.
     if model.config._attn_implementation == "sdpa" and PACKED_SDPA in ALL_ATTENTION_FUNCTIONS:
         model.set_attn_implementation(PACKED_SDPA)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The `Videollama3Qwen2ForCausalLM` inside a PEFT and/or distributed wrapper."""
-    while hasattr(model, "module") and not hasattr(model, "lm_head"):
-        model = model.module  # DDP / DeepSpeed engines
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
 
 
 def module_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -79,15 +56,30 @@ def module_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def set_trainable_modules(model: nn.Module, trainable_modules) -> dict[str, int]:
-    """Freeze every module not in `trainable_modules`; returns the trainable parameter count per module."""
-    counts = {}
+def set_trainable_modules(model: nn.Module, trainable_modules) -> None:
+    """Freeze every module not in `trainable_modules`."""
     for name, params in module_parameters(model).items():
-        train = name in trainable_modules
         for p in params:
-            p.requires_grad_(train)
-        counts[name] = sum(p.numel() for p in params) if train else 0
-    return counts
+            p.requires_grad_(name in trainable_modules)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter count per module (adapters count under the module they adapt)."""
+    return {name: sum(p.numel() for p in params if p.requires_grad) for name, params in module_parameters(model).items()}
+
+
+class ModuleLearningRates(TrainerCallback):
+    """Each module's learning rate of the last optimizer step, read before the scheduler moves on
+    (the moment Trainer reads its own `learning_rate`)."""
+
+    def __init__(self):
+        self.rates: dict[str, float] = {}
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        for group in optimizer.param_groups if optimizer is not None else ():
+            module = str(group.get("name", "")).removesuffix(".no_decay")
+            if module in MODULES:
+                self.rates[module] = float(group["lr"])
 
 
 class Videollama3Trainer(SFTTrainer):
@@ -117,42 +109,36 @@ class Videollama3Trainer(SFTTrainer):
             raise TypeError(f"args must be a Videollama3SFTConfig, got {type(args).__name__}")
         if self.stage is not None and args.stage not in (None, self.stage):
             raise ValueError(f"{type(self).__name__} is stage {self.stage} but args.stage is {args.stage}")
-        loaded_here = isinstance(model, (str, os.PathLike))
-        if loaded_here:
-            from .lora import load_model
-
+        if isinstance(model, (str, os.PathLike)):
             model = load_model(str(model), args)
+            # SFTTrainer sees the loaded model: its model_init_kwargs are applied already.
+            args = copy.copy(args)
+            args.model_init_kwargs = None
+        self.base_model_name = model.name_or_path
         if args.multimodal_packing:
             use_packed_attention(model)
         if processing_class is None:
-            from transformers import AutoProcessor
-
             processing_class = AutoProcessor.from_pretrained(model.name_or_path, trust_remote_code=True)
         if train_dataset is not None and INDEX_COLUMN not in train_dataset.column_names:
             train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
         if train_dataset is not None:
-            train_dataset = check_media(train_dataset, args.data_root, args.media_error_policy)
+            train_dataset = check_rows(train_dataset, args.data_root, args.media_error_policy, args.max_skipped_fraction)
 
         if args.lora:
-            from .lora import build_lora_config
-
             peft_config = peft_config or build_lora_config(model, args)
             set_trainable_modules(model, ())  # PEFT turns on the adapters and modules_to_save only
         else:
-            counts = set_trainable_modules(model, args.trainable_modules)
-            logger.info("trainable parameters per module: %s", counts)
+            set_trainable_modules(model, args.trainable_modules)
         if "data_collator" not in kwargs or kwargs["data_collator"] is None:
             kwargs["data_collator"] = build_collator(processing_class, args, train_dataset, sample_cache)
-        sft_logger, applied = logging.getLogger(SFTTrainer.__module__), _InitKwargsApplied()
-        if loaded_here:
-            sft_logger.addFilter(applied)
-        try:
-            super().__init__(
-                model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                peft_config=peft_config, **kwargs,
-            )
-        finally:
-            sft_logger.removeFilter(applied)
+        super().__init__(
+            model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+            peft_config=peft_config, **kwargs,
+        )
+        self.module_learning_rates = ModuleLearningRates()
+        self.add_callback(self.module_learning_rates)
+        logger.info("trainable parameters per module%s: %s", " (LoRA adapters and modules_to_save)" if args.lora else "",
+                    trainable_parameters(self.model))
         if self.stage is not None:
             logger.info("stage %d: %s", self.stage, STAGE_NAMES[self.stage])
 
@@ -185,54 +171,45 @@ class Videollama3Trainer(SFTTrainer):
         self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds each module's current learning rate (`learning_rate/<module>`) to training logs;
+        Trainer's own `learning_rate` is only the first group's."""
+        if "learning_rate" in logs:
+            logs.update({f"learning_rate/{m}": lr for m, lr in self.module_learning_rates.rates.items()})
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, then the skipped-rows guard over every row this process encoded."""
+        output = super().train(*args, **kwargs)
+        if self.args.media_error_policy == "skip" and hasattr(self.data_collator, "check_skipped"):
+            self.data_collator.check_skipped()
+        return output
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """Our card (base model, stage, data, recipe, usage) instead of TRL's generic one."""
+        self.write_model_card(self.args.output_dir)
+
+    def write_model_card(self, output_dir: str) -> None:
+        """Write README.md into `output_dir` (main process only)."""
+        if not self.is_world_process_zero():
+            return
+        dataset = self.train_dataset
+        data = sorted(set(dataset[SOURCE_COLUMN])) if dataset is not None and SOURCE_COLUMN in dataset.column_names else []
+        card = model_card(self.args, self.base_model_name, data, len(dataset) if dataset is not None else 0,
+                          STAGE_NAMES.get(self.args.stage), output_dir, adapter=self.args.lora)
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save model (or adapter), processor and the four remote-code files, so the folder loads
-        with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`."""
+        """Save model (or adapter), processor, the four remote-code files and the model card, so the
+        folder loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`."""
         output_dir = output_dir or self.args.output_dir
         register_auto_classes(self.model, self.processing_class)
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             copy_remote_code(output_dir, self.model, self.processing_class)
-
-
-def register_auto_classes(model, processor):
-    base = unwrap(model)
-    type(base).register_for_auto_class("AutoModelForCausalLM")
-    if processor is not None and getattr(type(processor), "_auto_class", None) is None:
-        type(processor).register_for_auto_class("AutoProcessor")
-    image_processor = getattr(processor, "image_processor", None)
-    if image_processor is not None and getattr(type(image_processor), "_auto_class", None) is None:
-        type(image_processor).register_for_auto_class("AutoImageProcessor")
-
-
-def copy_remote_code(output_dir, model=None, processor=None) -> list[str]:
-    """Copy the remote-code `.py` files that define the loaded classes into `output_dir`.
-
-    The files are taken from where the live classes came from (this checkout or the Hub module
-    cache), falling back to the checkout next to this package.
-    """
-    sources = {}
-    base = unwrap(model) if model is not None else None
-    for obj in (base, getattr(base, "config", None), processor, getattr(processor, "image_processor", None)):
-        if obj is None:
-            continue
-        try:
-            path = Path(inspect.getfile(type(obj)))
-        except TypeError:
-            continue
-        sources.setdefault(path.name, path)
-        for name in REMOTE_CODE_FILES:  # siblings, e.g. the configuration next to the modeling file
-            if (path.parent / name).exists():
-                sources.setdefault(name, path.parent / name)
-    checkout = Path(__file__).resolve().parent.parent
-    copied = []
-    os.makedirs(output_dir, exist_ok=True)
-    for name in REMOTE_CODE_FILES:
-        source = sources.get(name) or (checkout / name)
-        if source.exists() and source.resolve() != (Path(output_dir) / name).resolve():
-            shutil.copyfile(source, Path(output_dir) / name)
-            copied.append(name)
-    return copied
+            self.write_model_card(output_dir)
 
 
 class VisionEncoderAdaptationTrainer(Videollama3Trainer):
