@@ -9,14 +9,11 @@ shows each side's best repeat (minimum time, maximum rate) and median.
 
 import gc
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # `tools.local` and `tests.oracle` import from the repo root
 
 OUT_DIR = REPO_ROOT / "bench" / "out"  # git-ignored: cached clips, raw logs
 
@@ -147,7 +144,7 @@ def spec_model(spec):
     """Tokenizer, config and our sdpa model (seed 0) at a benchmark spec's LLM and vision sizes."""
     import torch
 
-    from tests.tiny import tiny_config, tiny_tokenizer
+    from tools.tiny import tiny_config, tiny_tokenizer
     from tools.local import remote_module
 
     tokenizer = tiny_tokenizer()

@@ -34,7 +34,7 @@ TOY = GenSpec(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, vocab=512, visi
 
 def build(spec: GenSpec):
     """Our model, its native twin, and one prompt in both input conventions."""
-    from tests.oracle import image, native_inputs, native_twin, our_inputs, video
+    from tools.oracle import image, native_inputs, native_twin, our_inputs, video
 
     tok, config, ours = spec_model(spec)
     ours.eval()

@@ -25,13 +25,8 @@ import time
 
 import torch
 
-if __package__ in (None, ""):
-    import os
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import OUT_DIR, Row, Stat, print_rows  # noqa: E402
-from bench.vision import VisionSpec, build_pair, inputs  # noqa: E402
+from bench.common import OUT_DIR, Row, Stat, print_rows
+from bench.vision import VisionSpec, build_pair, inputs
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 

@@ -15,10 +15,7 @@ import platform
 import sys
 import time
 
-if __package__ in (None, ""):  # `python bench/run.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import REPO_ROOT, Row, fmt, print_rows, table_lines, verdict  # noqa: E402
+from bench.common import REPO_ROOT, Row, fmt, print_rows, table_lines, verdict
 
 BENCHMARKS = ["video", "vision", "memory", "generate", "train"]
 

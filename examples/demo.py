@@ -1,7 +1,7 @@
 """Answer questions about an image and a video with a VideoLLaMA3 checkpoint.
 
-    python examples/demo.py                       # the embedded tiny model on the bundled examples
-    python examples/demo.py --model DAMO-NLP-SG/VideoLLaMA3-2B --video clip.mp4 --question "..."
+    python -m examples.demo                       # the embedded tiny model on the bundled examples
+    python -m examples.demo --model DAMO-NLP-SG/VideoLLaMA3-2B --video clip.mp4 --question "..."
 
 `--model` takes a local folder or Hub id, in this repository's layout or the official one.
 For each answer it prints the visual token budget (kept and pruned by the Differential Frame
@@ -19,11 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from tools.evaluate_default import TEMPORAL_TOLERANCE_S, is_correct  # noqa: E402
-from tools.spans import parse_span  # noqa: E402
+from tools.evaluate_default import TEMPORAL_TOLERANCE_S, is_correct
+from tools.local import REPO_ROOT
+from tools.spans import parse_span
 
 DEFAULT_MODEL = REPO_ROOT / "tiny_model"
 EXAMPLES = REPO_ROOT / "examples" / "media" / "examples.json"

@@ -5,7 +5,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Make `tools` and `tests.tiny` importable whatever directory pytest is started from.
+# Make `tools`, `recipes`, `bench` and `examples` importable whatever directory pytest is started from.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # A module cache of this session's own (set before transformers is imported, which reads it once),

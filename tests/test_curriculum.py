@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import curriculum
+from recipes.tiny import curriculum
 from tools.local import remote_module
 from tools.spans import parse_span
 

@@ -1,9 +1,10 @@
-"""`tools.demo_sweep` redraws the bundled demo clip with its shape elsewhere and grades the answers."""
+"""`recipes.tiny.studies.demo_sweep` redraws the bundled demo clip with its shape elsewhere and grades the answers."""
 
 import pytest
 
 from tests.test_embedded_default import DEMO, model_and_processor  # noqa: F401
-from tools import curriculum, demo_sweep
+from recipes.tiny import curriculum
+from recipes.tiny.studies import demo_sweep
 from tools.local import REPO_ROOT
 
 

@@ -6,7 +6,7 @@ held-out evaluation grade them (exact text; a time span when both ends are withi
 bundled question must be answered right: the README's first command shows these answers.
 """
 
-import importlib.util
+import importlib
 
 import pytest
 import torch
@@ -16,10 +16,7 @@ from tools.local import REPO_ROOT
 
 
 def load_demo():
-    spec = importlib.util.spec_from_file_location("demo", REPO_ROOT / "examples" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    return demo
+    return importlib.import_module("examples.demo")
 
 
 DEMO = load_demo()

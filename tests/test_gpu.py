@@ -1,8 +1,8 @@
 """CUDA paths: device placement, bf16, flash-attention (vision varlen, padded and packed LLM rows,
 KV-cache decoding), training from the CLI on a GPU, and the embedded default on a GPU.
 
-Skipped without CUDA (CI has none); `tools/gpu_check.sh` runs them on a lent GPU. The flash tests
-need a `flash_attn` package: the real one, or `tools/flash_attn_torch` (its API over the
+Skipped without CUDA (CI has none); `tools/gpu/gpu_check.sh` runs them on a lent GPU. The flash tests
+need a `flash_attn` package: the real one, or `tools/gpu/flash_attn_torch` (its API over the
 FlashAttention-2 kernels inside PyTorch) where the real one cannot be built.
 """
 
@@ -210,9 +210,10 @@ def test_embedded_default_answers_on_cuda_as_on_cpu():
 
 
 def test_tiny_recipe_and_evaluation_run_on_cuda(tmp_path):
-    """`python -m tools.train_default --device cuda` (every stage, the vision pretraining too) and
+    """`python -m recipes.tiny.train_default --device cuda` (every stage, the vision pretraining too) and
     `tools.evaluate_default --device cuda` on the same held-out set as on the CPU."""
-    from tools import evaluate_default, train_default
+    from recipes.tiny import train_default
+    from tools import evaluate_default
 
     out = train_default.main(["--quick", "--device", "cuda", "--out", str(tmp_path / "tiny")])
     assert (out / "model.safetensors").exists()

@@ -1,10 +1,11 @@
-"""`tools.kind_probe`: stills of the video world, the tokens a shape covers, and the linear read-out."""
+"""`recipes.tiny.studies.kind_probe`: stills of the video world, the tokens a shape covers, and the linear read-out."""
 
 import numpy as np
 import pytest
 import torch
 
-from tools import curriculum, kind_probe
+from recipes.tiny import curriculum
+from recipes.tiny.studies import kind_probe
 from tools.local import REPO_ROOT
 
 

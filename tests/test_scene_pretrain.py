@@ -1,11 +1,12 @@
-"""Symbolic scenes (`tools.scene_pretrain`): grid tokens, labels, the embedding sums the LLM sees, and training on them."""
+"""Symbolic scenes (`recipes.tiny.scene_pretrain`): grid tokens, labels, the embedding sums the LLM sees, and training on them."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tools import binding_study, curriculum, scene_pretrain
+from recipes.tiny import curriculum, scene_pretrain
+from recipes.tiny.studies import binding_study
 from tools.local import REPO_ROOT, remote_module
 
 IP = remote_module("image_processing_videollama3")
@@ -105,7 +106,7 @@ def test_run_reports_held_out_accuracy_per_kind_and_shape_count(tokenizer):
 
 
 def test_llm_shape_takes_heads_layers_and_width(tokenizer):
-    from tools import train_default
+    from recipes.tiny import train_default
 
     model = binding_study.build_llm(tokenizer, heads=8, init=None, layers=5, width=64)
     assert model.config.num_hidden_layers == 5 and len(model.model.layers) == 5
@@ -118,7 +119,7 @@ def test_llm_shape_takes_heads_layers_and_width(tokenizer):
 
 
 def test_pretrain_llm_trains_only_the_llm_and_is_deterministic(tokenizer):
-    from tools import train_default
+    from recipes.tiny import train_default
 
     study = scene_pretrain.SceneConfig(steps=3, batch=2, lr=1e-3, eval_scenes=6, every=3, seed=5)
     runs = []
@@ -148,7 +149,7 @@ def test_mixed_run_reports_image_and_video_kinds(tokenizer):
     (("when",), 1.5, "videos=1.5: the share of video scenes must be within"),
 ])
 def test_pretrain_llm_refuses_kinds_the_scenes_cannot_ask(tokenizer, kinds, videos, match):
-    from tools import train_default
+    from recipes.tiny import train_default
 
     study = scene_pretrain.SceneConfig(kinds=kinds, videos=videos)
     with pytest.raises(ValueError, match=match):
@@ -157,7 +158,7 @@ def test_pretrain_llm_refuses_kinds_the_scenes_cannot_ask(tokenizer, kinds, vide
 
 @pytest.mark.parametrize("field, value", [("steps", -1), ("batch", 0), ("turns", 0)])
 def test_pretrain_llm_refuses_bad_sizes(tokenizer, field, value):
-    from tools import train_default
+    from recipes.tiny import train_default
 
     study = scene_pretrain.SceneConfig(**{field: value})
     with pytest.raises(ValueError, match=f"{field}={value}"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tools import train_default
+from recipes.tiny import train_default
 
 HUB_FILES = {
     "config.json", "model.safetensors", "generation_config.json", "chat_template.jinja", "tokenizer.json",
@@ -171,7 +171,8 @@ def test_evaluation_scores_only_what_the_set_asks(run, tmp_path, capsys):
 
 
 def test_evaluation_seed_chooses_the_held_out_set(run, tmp_path):
-    from tools import curriculum, evaluate_default
+    from recipes.tiny import curriculum
+    from tools import evaluate_default
 
     out, _ = run
     for name, argv in (("seven", ["--seed", "7"]), ("default", [])):
@@ -191,7 +192,8 @@ def test_temporal_answers_count_within_one_second():
 
 
 def test_evaluation_refuses_a_held_out_set_of_the_other_answer_style(tmp_path):
-    from tools import curriculum, evaluate_default
+    from recipes.tiny import curriculum
+    from tools import evaluate_default
 
     curriculum.generate(tmp_path, seed=1, images=2, videos=0, texts=0, answers="restated")
     with pytest.raises(ValueError, match="restated answers, but answers='short'"):
@@ -199,7 +201,7 @@ def test_evaluation_refuses_a_held_out_set_of_the_other_answer_style(tmp_path):
 
 
 def test_plan_sets_the_model_shape_and_the_scene_readout(tmp_path, monkeypatch):
-    from tools import vision_pretrain
+    from recipes.tiny import vision_pretrain
 
     calls, aligned = [], {}
     pretrain, align = vision_pretrain.pretrain_vision, vision_pretrain.align_projector

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools import curriculum, vision_pretrain
+from recipes.tiny import curriculum, vision_pretrain
 
 
 def scene():
@@ -153,7 +153,7 @@ def test_word_targets_sum_the_embeddings_of_what_covers_each_patch():
 
 
 def test_alignment_pulls_visual_tokens_towards_the_words_and_leaves_the_llm(tmp_path):
-    from tools import train_default
+    from recipes.tiny import train_default
 
     paths = curriculum.generate(tmp_path, seed=5, images=8, videos=0, texts=2)
     tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
@@ -171,7 +171,7 @@ def test_alignment_pulls_visual_tokens_towards_the_words_and_leaves_the_llm(tmp_
 def test_merge_blocks_is_the_encoders_own_merge_of_video_frames(tmp_path):
     from PIL import Image
 
-    from tools import train_default
+    from recipes.tiny import train_default
 
     paths = curriculum.generate(tmp_path, seed=5, images=2, videos=0, texts=2)
     tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
@@ -194,7 +194,7 @@ def test_merge_blocks_is_the_encoders_own_merge_of_video_frames(tmp_path):
 def weighted_runs(tmp_path, train, weight_name: str, steps: int, generate: dict, **options) -> dict[float, list[float]]:
     """`train`'s (`align_projector`, `pretrain_vision`) loss curves with `weight_name` at 0 and 1,
     each from the same fresh model, on a curriculum written with `generate`."""
-    from tools import train_default
+    from recipes.tiny import train_default
 
     paths = curriculum.generate(tmp_path, seed=5, images=8, texts=2, **generate)
     tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))
@@ -305,7 +305,7 @@ def test_shift_refuses_images_the_processor_would_resize(tmp_path):
 
     from PIL import Image
 
-    from tools import train_default
+    from recipes.tiny import train_default
 
     paths = curriculum.generate(tmp_path, seed=5, images=2, videos=0, texts=2)
     Image.fromarray(np.full((90, 84, 3), 120, dtype=np.uint8)).save(tmp_path / "odd.png")
@@ -346,7 +346,7 @@ def test_alignment_with_video_stills_adds_their_merged_error_and_keeps_the_image
 
 @pytest.mark.parametrize("train", [vision_pretrain.align_projector, vision_pretrain.pretrain_vision])
 def test_training_with_stills_needs_their_rows_file(tmp_path, train):
-    from tools import train_default
+    from recipes.tiny import train_default
 
     paths = curriculum.generate(tmp_path, seed=5, images=2, videos=0, texts=2)
     tokenizer = train_default.build_tokenizer(curriculum.corpus_text(paths))

@@ -4,7 +4,7 @@
     python -m tools.evaluate_default --model /tmp/t --images 20 --videos 10
     python -m tools.evaluate_default --seed 20240918                # a second held-out set
 
-The held-out set comes from `tools.curriculum` with a seed the recipe never trains on. The
+The held-out set comes from `recipes.tiny.curriculum` with a seed the recipe never trains on. The
 checkpoint is loaded the way users load it (`AutoModelForCausalLM` / `AutoProcessor` with
 `trust_remote_code=True`), questions go through the processor's chat template, answers are greedy.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from tools import curriculum
+from recipes.tiny import curriculum
 from tools.local import REPO_ROOT
 from tools.spans import parse_span
 

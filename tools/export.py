@@ -23,9 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools.local import REPO_ROOT, remote_module  # noqa: E402
+from tools.local import REPO_ROOT, remote_module
 
 # transformers' native port names the same tensors differently (facts section 1).
 NATIVE_KEY_RENAMES = (

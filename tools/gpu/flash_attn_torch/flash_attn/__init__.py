@@ -3,7 +3,7 @@
 The flash-attn wheel is source-only on PyPI and its kernels take about an hour of nvcc to build,
 longer than a lent GPU is held. PyTorch's CUDA builds ship the same FlashAttention-2 forward and
 backward kernels (`aten::_flash_attention_forward/_backward`, varlen included), so installing this
-package (`pip install --no-build-isolation tools/flash_attn_torch`) lets transformers' unchanged
+package (`pip install --no-build-isolation tools/gpu/flash_attn_torch`) lets transformers' unchanged
 `flash_attention_2` path run on them: our call conventions (layouts, `cu_seqlens`, `max_seqlen`,
 causal alignment, GQA) are then checked against real kernels. Never a runtime dependency.
 """

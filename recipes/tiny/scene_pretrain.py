@@ -1,41 +1,23 @@
 """Scene pretraining of the tiny LLM: the stand-in for what Qwen2.5 brings to VideoLLaMA3.
 
 Qwen2.5 arrives able to look things up in its context: asked "What colour is the square?" about a
-list of objects, it finds the square and reads its colour. A tiny LLM pretrained on a few hundred
-steps of text cannot, and on the recipe's budget it does not learn it from images either: image
-questions stopped near 70%, with "What colour is the square?" among two or three shapes answered at
-1 in n (`tools.binding_study` lists the attempts). So this step gives it that ability first, on
-symbolic scenes: a 6x6 grid of tokens (an 84 px image in 14 px patches), each the sum of the LLM's
-own word embeddings of what covers it ("red" + "square" + "top" + "left", or the background style
+list of objects, it finds the square and reads its colour. A tiny LLM trained from images alone
+does not learn that within the recipe's minutes, so this step teaches it first, on symbolic scenes:
+a 6x6 grid of tokens (an 84 px image in 14 px patches), each the sum of the LLM's own word
+embeddings of what covers it ("red" + "square" + "top" + "left", or the background style
 "striped"), plus Gaussian noise, followed by the curriculum's image questions, trained with the
 LLM's own loss on the answers. The recipe then aligns the projector's tokens to the same word sums
 (`vision_pretrain.align_projector`), so the lookups learnt here work on images.
 
-From fresh weights (`train_default.FULL`'s LLM with its MLP 1024 wide, as it was until 2026-12-02;
-batch 16, lr 1e-3), held-out scenes are answered at 1 in n among several shapes for about 400
-steps; then, with seed 1, colour and shape questions reach 99-100% and positions 78% by step 800.
-With the 512-wide MLP the recipe uses now, at step 650: colour, count and positions 99-100%, shape
-76% (62% among three shapes). With seed 0, colour reached 100% at step 400 but the shape
-of a named colour among several shapes was still at chance at step 800, so when the plateau ends
-depends on the seed. Started from the text-pretrained LLM instead, nothing was learnt by step 800,
-so the recipe runs this step first, on fresh weights.
+From fresh weights the LLM answers at 1 in n among several shapes for a few hundred steps, then
+learns the lookups; when depends on the seed. Position questions lag (the answer's second word
+needs a second lookup), so the recipe follows with a short run on them alone (`kinds=("position",)`).
 
-Positions lag: "Where is the red circle?" gets the row right and, when another shape shares it,
-the side only half the time, since the answer's second word needs a second lookup of the named
-shape. Mixed scenes took them from 72% at step 800 to 77% at step 1200; a second run of this step
-on position questions alone (`kinds=("position",)`, the recipe's `positions` step) took them from
-82% to 100% in 150 steps (110 steps: 98%; `train_default.FULL`'s `positions`).
-
-Videos (`videos`, a share of the scenes): Qwen2.5 also reads time off its context. A served clip
-is `Time 0.0s:` and frame 0's 16 merged tokens, then per second `,Time 1.0s:` and only the tokens
-the Differential Frame Pruner keeps, so "When does the red circle appear?" is answered from the
-stamps of the frames where its tokens come and go. Video scenes are such clips of the events the
-curriculum draws (`curriculum.video_event`), keeping exactly the tokens DiffFP keeps of the
-rendered clip (`clip_tokens`; tested frame by frame), asked the video kinds among `kinds`. Not in
-the recipe: from the recipe's scene LLM, 200 steps of half videos (with positions) took "what
-appears" and "what moves" to 100% but "when" (exact spans) only to 3% and direction to 54%; 200
-steps of "when" alone to 56%. At 0.7-0.8 s a step (clips are longer than images) that did not fit
-the recipe's 20 minutes.
+Videos (`videos`, a share of the scenes; off in the recipe): a served clip is `Time 0.0s:` and
+frame 0's 16 merged tokens, then per second `,Time 1.0s:` and only the tokens the Differential
+Frame Pruner keeps. Video scenes are such clips of the curriculum's events (`curriculum.video_event`),
+keeping exactly the tokens DiffFP keeps of the rendered clip (`clip_tokens`), asked the video kinds
+among `kinds`. Measurements: docs/experiments.md ("Studies").
 """
 
 import collections
@@ -47,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tools import curriculum
+from recipes.tiny import curriculum
 
 logger = logging.getLogger("scene_pretrain")
 
@@ -60,7 +42,7 @@ VIDEO_KINDS = ("appear", "when", "direction", "moving")
 @dataclass
 class SceneConfig:
     """What a scene pretraining run shows the LLM and for how long (the recipe's `scenes` plan sets
-    steps, batch, lr, every and eval_scenes; `tools.binding_study`'s flags the rest)."""
+    steps, batch, lr, every and eval_scenes; `studies.binding_study`'s flags the rest)."""
 
     objects: int = 0  # shapes per scene; 0: one to three, as in the curriculum
     kinds: tuple[str, ...] = ("colour", "shape", "position", "count")

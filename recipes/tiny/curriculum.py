@@ -183,7 +183,7 @@ def image_questions(rng: np.random.Generator, shapes, quadrants, style, answers:
     "What colour is each shape?" ("square blue, circle red."). A bare "square" has to be found from
     the answer's first token by finding "red" in the question and then the red patches, two
     dependent attention steps; restated, it is looked up from the word just written, one step,
-    which the tiny LLM learns within 200 steps on symbolic scenes (`tools.binding_study`).
+    which the tiny LLM learns within 200 steps on symbolic scenes (`studies.binding_study`).
     """
     check_answer_style(answers)
     restated = answers == "restated"
@@ -211,7 +211,7 @@ def image_questions(rng: np.random.Generator, shapes, quadrants, style, answers:
 def video_event(rng: np.random.Generator, seconds: int, kind: str | None = None) -> dict:
     """The random content of a `seconds`-long clip (its background aside): the actor shape, an
     optional static distractor and one event, "appear" (visible from second `start` to `end`) or
-    "move" (`direction`, at `across` pixels on the other axis). `tools.scene_pretrain` draws the
+    "move" (`direction`, at `across` pixels on the other axis). `scene_pretrain` draws the
     same events for its symbolic videos.
 
     `kind` ("appear" or "move"): events are drawn until one is of that kind, so it follows the
@@ -384,7 +384,7 @@ def generate(out_dir, *, seed: int = 0, images: int = 600, videos: int = 300, te
       with probability 1/2); `caption.jsonl`: the same images with only their caption;
     * `vision.jsonl`: one line per image with its `objects` (colour, shape, quadrant) and its
       `background` style, for the vision pretraining and alignment that stand in for SigLIP
-      (`tools.vision_pretrain`);
+      (`vision_pretrain`);
     * `video.jsonl`: one line per video with all its questions as turns, in random order;
     * `text.jsonl`: single-turn text-only samples;
     * `eval.jsonl`: one line per (medium, question), single-turn, with `kind` and `modality` fields,
@@ -595,7 +595,7 @@ def demo_event(kind: str = "square", centre: tuple[float, float] = DEMO_CENTRE) 
 
 def demo_frames(kind: str = "square", centre: tuple[float, float] = DEMO_CENTRE) -> np.ndarray:
     """`(T, H, W, 3)` frames of the demo video (8 s, `demo_event` on a checkered background). The
-    defaults are the bundled clip; `tools.demo_sweep` moves the shape."""
+    defaults are the bundled clip; `studies.demo_sweep` moves the shape."""
     rng = np.random.default_rng(DEMO_SEED)
     background(rng, IMAGE_SIZE, "striped")  # the demo image's background is drawn first
     return render_clip(background(rng, VIDEO_SIZE, "checkered"), demo_event(kind, centre), seconds=8)

@@ -1,9 +1,9 @@
 """How much of a video shape's kind a model's vision tokens keep, before the LLM reads them.
 
-    python -m tools.kind_probe                        # ./tiny_model, 2400 stills (about 15 s on 2 cores)
-    python -m tools.kind_probe --model /tmp/t/served --stills 600
+    python -m recipes.tiny.studies.kind_probe                 # ./tiny_model, 2400 stills (about 15 s on 2 cores)
+    python -m recipes.tiny.studies.kind_probe --model /tmp/t/served --stills 600
 
-`tools.demo_sweep` shows where the whole model misnames the demo clip's shape; this measures the
+`demo_sweep` shows where the whole model misnames the demo clip's shape; this measures the
 vision side alone, in a minute instead of a recipe run. It draws stills of the curriculum's video
 world (`curriculum.video_event`: a clip's actor at a random shown frame, its static distractor when
 it has one, on the clip's background), encodes each as the model serves video frames (2x2-merged
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tools import curriculum
+from recipes.tiny import curriculum
 from tools.evaluate_default import load
 from tools.local import REPO_ROOT
-from tools.scene_pretrain import VIDEO_GRID
-from tools.vision_pretrain import block_counts, palette_index
+from recipes.tiny.scene_pretrain import VIDEO_GRID
+from recipes.tiny.vision_pretrain import block_counts, palette_index
 
 MERGED = curriculum.VIDEO_SIZE // VIDEO_GRID  # px a side of a video frame's merged token (14 px patches, merged 2x2)
 BANDS = 4  # phase bands reported, MERGED / BANDS px each

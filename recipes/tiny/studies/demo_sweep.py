@@ -1,7 +1,7 @@
 """How the demo video's answers depend on where its shape is.
 
-    python -m tools.demo_sweep                          # ./tiny_model, a green square, centres 30-82 px every 2 px
-    python -m tools.demo_sweep --kind circle --step 4
+    python -m recipes.tiny.studies.demo_sweep                 # ./tiny_model, a green square, centres 30-82 px every 2 px
+    python -m recipes.tiny.studies.demo_sweep --kind circle --step 4
 
 The bundled clip (`curriculum.demo_frames`) is redrawn with its shape centred at every point of a
 grid, and each clip is asked the demo's two video questions ("What appears in the video?", "When
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tools import curriculum
+from recipes.tiny import curriculum
 from tools.evaluate_default import answer_batch, is_correct, load
 from tools.local import REPO_ROOT
 

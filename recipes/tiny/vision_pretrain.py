@@ -10,25 +10,12 @@ what covers it (shape colour or background), the kind of that shape, and where t
 learnt). The head is discarded; only the encoder's weights carry over to stage 1.
 
 With `background_weight` (on in the recipe): per image, the background's style from the mean of
-its background patches. Captions name the style, and trained on colour alone the encoder keeps
-little of it (a linear probe on the background tokens after a full recipe run: 26%, chance 25%).
-Before the scene step the style trained in did not reach the captions (36/150 right against
-38/150); with the scene LLM and `align_projector`, which pulls each background patch to its style's
-word, captions right went from 27/150 to 92/150.
+its background patches, since captions name the style and colour labels alone do not teach it.
 
 Off unless asked (`scene_weight`): every patch also reads out the whole scene, as the slots of
 `SCENE_SLOTS` (the colour of each kind, the kind and quadrant of each colour, the colour and kind
-at each quadrant, the background, the count), so that whichever of an image's tokens an LLM head
-attends to carries which colour, kind and quadrant belong together, and no lookup by kind is
-needed. After 1600 steps a 64-wide encoder reads the bindings from each patch of held-out images
-71-94% right (2 or 3 layers), a 128-wide one with 3 layers 84-99% (the background 70%). In the
-recipe (`--plan` with `"model": {"vision_hidden_size": 128, "vision_intermediate_size": 512}` and
-`"vision": {"scene_weight": 1.0, "lr": 2e-3}`, 2 layers) a linear probe reads them from each
-projected token of held-out images 91-96% right after stage 1 and 75-88% after stage 2, but the
-LLM does not use them: colour, position
-and shape questions about two and three shapes stay at 1 in n after stage 2 and after stage 3
-(shape among three shapes 33%, against 98% with the recipe's encoder), also with 4 key-value
-heads instead of 2. So it is off; the LLM, not the vision side, is what does not bind.
+at each quadrant, the background, the count), so that any one token carries which colour, kind and
+quadrant belong together. The LLM did not use them, so the recipe leaves it off (docs/experiments.md).
 
 Labels come from the curriculum's pixels: shapes are filled with exact palette colours that no
 background comes close to, and each image holds at most one shape of each colour, so the palette
@@ -46,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tools.curriculum import BACKGROUNDS, COLOURS, QUADRANTS, SHAPES, VIDEO_SIZE
-from tools.scene_pretrain import VIDEO_GRID, block_quadrant
+from recipes.tiny.curriculum import BACKGROUNDS, COLOURS, QUADRANTS, SHAPES, VIDEO_SIZE
+from recipes.tiny.scene_pretrain import VIDEO_GRID, block_quadrant
 
 logger = logging.getLogger("vision_pretrain")
 
@@ -408,7 +395,7 @@ def merge_blocks(x: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Te
 def frame_block_targets(row: dict, pixels: np.ndarray, embed, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For a video still (`curriculum.frame_row`): which 2x2-merged tokens a shape covers at all,
     `(N / 4,)` bool in raster order, and for those the sum of the LLM's embeddings of the shape's
-    colour and kind and of the token's own quadrant, `(M, D)`: how `tools.scene_pretrain` lays out
+    colour and kind and of the token's own quadrant, `(M, D)`: how `scene_pretrain` lays out
     a served video's tokens (`clip_tokens`), so a merged token is pulled to the scene token the LLM
     learnt to read."""
     check_still(row, pixels, patch)
@@ -431,18 +418,16 @@ def align_projector(model, processor, vision_rows: Path, data_root: Path, *, ste
     The stand-in for SigLIP's language alignment: SigLIP's features already sit near the text that
     describes them, while the tiny encoder's features, however well they separate colours and
     shapes, start in no relation to the LLM's words. The recipe's LLM learnt its lookups on tokens
-    that are sums of its word embeddings (`tools.scene_pretrain`), so once the visual tokens are
+    that are sums of its word embeddings (`scene_pretrain`), so once the visual tokens are
     such sums it answers questions about images as it did about scenes. The recipe runs this after
     stage 1, whose captions through the frozen LLM would otherwise pull the tokens away from the
-    words (reading each shape's colour off its nearest word sum: 100% after 400 alignment steps,
-    20% after stage 1, measured with a text-pretrained LLM).
+    words.
 
     `merged_weight`: also align the tokens of 2x2-merged patches (how video frames are served) that
     a shape covers in part to the mean of their four patches' word sums, with this weight; otherwise
     only merge size 1 is trained and a merged token is whatever the projector makes of a mean
     feature. Merged blocks of background alone are left out: videos are never asked about the
-    background, and pulling a block's mean feature to its style word cost the single patches theirs
-    (captions right fell from 92 to 20 of 150, 74 of them wrong only in the style).
+    background, and pulling a block's mean feature to its style word cost the single patches theirs.
 
     `frames` (a `frames.jsonl` under `data_root`, `curriculum.generate(video_frames=True)`) with
     `frame_weight`: each step also takes `batch // 2` video stills and pulls their shape-covered
@@ -522,12 +507,9 @@ def balance_projector(model, processor, vision_rows: Path, data_root: Path, *, i
     from the first `images` rows of `vision_rows`. The model stays a VideoLLaMA3 projector; nothing
     is added.
 
-    After vision pretraining, kind dominates the encoder's features of shape patches (about 50% of
-    their variance) and the quadrant has 2%; trained along in stage 2, the projector turns the
-    tokens towards colour (63%). Balanced here, and with encoder and projector kept fixed in stage
-    2 (the plan's `trainable`), the quadrant keeps 17% of the variance after stage 1 and positions
-    among several shapes are answered far more often after stage 2, but not after stages 3-4; the
-    recipe leaves it off (`tools.train_default`, `tools.binding_study`). Returns the read-out
+    After vision pretraining kind dominates the encoder's features of shape patches and the
+    quadrant has almost no share; balancing gives each its part. It helped positions after stage 2
+    but not the whole recipe, which leaves it off (docs/experiments.md). Returns the read-out
     accuracies and the variance shares before and after.
     """
     if images < 1:
@@ -557,8 +539,7 @@ def balance_map(x: torch.Tensor, classes: torch.Tensor, *, residual: float, ridg
     A ridge read-out `B` (16, D) of the slots' one-hot codes goes through fixed orthonormal codes
     `G` (D, 16): x' = M (x - mu) + mu with M = s (G B + residual I), s keeping the total variance.
     `residual` weighs the centred features against one-hot codes of norm 1, so its effect depends
-    on the features' scale (0.2 for the tiny encoder: shares of colour, kind and quadrant 31%, 50%,
-    2% before and 35%, 41%, 10% after). Returns `(M (D, D), mu (D,), report)`.
+    on the features' scale (0.2 suits the tiny encoder). Returns `(M (D, D), mu (D,), report)`.
     """
     if residual < 0:
         raise ValueError(f"residual={residual}: must be >= 0 (the share of the original features kept)")

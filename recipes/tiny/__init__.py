@@ -1,0 +1,1 @@
+"""The tiny recipe (`python -m recipes.tiny.train_default`): curriculum, pretraining stand-ins, four stages."""
