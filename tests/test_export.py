@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from tests.oracle import native_twin
+from tools.oracle import native_twin
 from tests.test_processing import official_checkpoint
-from tests.tiny import tiny_config, tiny_tokenizer
+from tools.tiny import tiny_config, tiny_tokenizer
 from tests.tiny_processor import tiny_processor
 from tools.export import export
 from tools.local import REPO_ROOT, remote_module

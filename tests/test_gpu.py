@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from tests.oracle import image, our_inputs, packed_inputs, video
+from tools.oracle import image, our_inputs, packed_inputs, video
 from tests.test_trainer import media_root  # noqa: F401
 from tests.test_trainer_cli import base_checkpoint, data_path  # noqa: F401
-from tests.tiny import tiny_config, tiny_tokenizer
+from tools.tiny import tiny_config, tiny_tokenizer
 from tools.local import REPO_ROOT, remote_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

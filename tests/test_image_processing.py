@@ -22,7 +22,7 @@ def processor():
     return IP.Videollama3ImageProcessor()
 
 
-# ---- worked values (facts section 4) -----------------------------------------------------------
+# ---- worked values of the official smart resize ---------------------------------------------------
 
 
 def test_1080p_image_worked_values(processor):
@@ -118,7 +118,7 @@ def reference_compression_mask(pixel_values, grids, merges, threshold=0.1, min_t
     """Independent, loop-by-loop restatement of the native `_get_compression_mask` rule.
 
     transformers' native `video_processing_video_llama_3` imports torchvision at module level, so
-    it cannot be imported here; this spells out its rule (facts section 6) token by token instead.
+    it cannot be imported here; this spells out its rule (DiffFP, paper section 3.3) token by token instead.
     """
     mask, offset = [], 0
     values = pixel_values.double().numpy()

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from tests.oracle import image, native_inputs, native_twin, our_inputs, packed_inputs, video
-from tests.tiny import tiny_config, tiny_tokenizer
+from tools.oracle import image, native_inputs, native_twin, our_inputs, packed_inputs, video
+from tools.tiny import tiny_config, tiny_tokenizer
 from tools.local import REPO_ROOT, remote_module
 
 M = remote_module("modeling_videollama3")

@@ -13,7 +13,7 @@ from transformers import AutoImageProcessor, AutoProcessor
 from transformers.feature_extraction_utils import BatchFeature
 
 from tests import media
-from tests.tiny import tiny_tokenizer
+from tools.tiny import tiny_tokenizer
 from tests.tiny_processor import tiny_processor
 from tools.local import REPO_ROOT, remote_module
 
@@ -22,7 +22,7 @@ IP = remote_module("image_processing_videollama3")
 VP = remote_module("video_processing_videollama3")
 IMG = "<image>"
 
-# facts section 7: the official processor's rendering of this conversation.
+# The official processor's rendering of this conversation (DAMO-NLP-SG/VideoLLaMA3, processing_videollama3.py).
 GOLDEN_MULTI_TURN = (
     "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n"
     "<|im_start|>user\n<image>\nWhat colour dominates?<|im_end|>\n"
@@ -529,7 +529,7 @@ def test_trl_collator_assistant_only_loss(processor):
 
 @pytest.fixture(scope="module")
 def tiny_model(processor):
-    from tests.tiny import tiny_config
+    from tools.tiny import tiny_config
 
     model_module = remote_module("modeling_videollama3")
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.oracle import image, our_inputs, video
-from tests.tiny import tiny_config, tiny_tokenizer
+from tools.oracle import image, our_inputs, video
+from tools.tiny import tiny_config, tiny_tokenizer
 from tools.local import REPO_ROOT, remote_module
 
 M = remote_module("modeling_videollama3")

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from tests.media import write_garbage, write_video
-from tests.tiny import tiny_config
+from tools.tiny import tiny_config
 from tests.tiny_processor import tiny_processor
 from tools.local import remote_module
 from trainer import (

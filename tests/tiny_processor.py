@@ -1,6 +1,6 @@
 """A VideoLLaMA3 processor with small token budgets, so tests run in milliseconds."""
 
-from tests.tiny import tiny_tokenizer
+from tools.tiny import tiny_tokenizer
 from tools.local import remote_module
 
 

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from tools.local import REPO_ROOT, remote_module
 
-# transformers' native port names the same tensors differently (facts section 1).
+# transformers' native port names the same tensors differently (model.vision_model, model.projector, model.language_model).
 NATIVE_KEY_RENAMES = (
     ("model.vision_model.", "model.vision_encoder."),
     ("model.projector.", "model.mm_projector."),

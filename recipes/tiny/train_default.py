@@ -55,6 +55,7 @@ import torch
 from tokenizers import pre_tokenizers
 
 from recipes.tiny import curriculum, scene_pretrain, vision_pretrain
+from trainer.checkpoint import REMOTE_CODE_FILES
 from tools.local import REPO_ROOT, remote_module
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|stream_start|>", "<|stream_end|>"]
@@ -177,15 +178,6 @@ def build_model(tokenizer, seed: int = SEED, shape: dict | None = None):
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.do_sample = False
     return model
-
-
-REMOTE_CODE_FILES = (
-    "configuration_videollama3.py",
-    "modeling_videollama3.py",
-    "processing_videollama3.py",
-    "image_processing_videollama3.py",
-    "video_processing_videollama3.py",
-)
 
 
 def copy_remote_code(folder: Path) -> None:
