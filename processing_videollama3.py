@@ -1,5 +1,5 @@
 """VideoLLaMA3 processor: conversations and text in; out `input_ids (B, L)`, `attention_mask (B, L)` (left-padded)
-and, over the batch in prompt order, `pixel_values (N, D)`, `grid_sizes (k, 3)` `[T, gh, gw]`, `merge_sizes (k,)`,
+and, over the batch in prompt order, `pixel_values (N, C*p*p)`, `grid_sizes (k, 3)` `[T, H, W]`, `merge_sizes (k,)`,
 `compression_mask (M,)` (True = keep). Each `<image>` stands for an image or video frame and is repeated by its kept
 merged tokens, so DiffFP needs no token deletion in the model and batches work.
 """
@@ -122,7 +122,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         return options
 
     def _load(self, kind: str, payload, item: dict, options: dict, where: str) -> tuple:
-        """`(kind, media)`: an image as `(H, W, 3)` uint8, a video as the video processor's sampled video."""
+        """`(kind, media)`: an image as `(Hp, Wp, 3)` uint8, a video as the video processor's sampled video."""
         if isinstance(payload, dict):
             if f"{kind}_path" not in payload:
                 raise ValueError(f"{where}: the {kind} dict needs a '{kind}_path' key, got keys {sorted(payload)}")
@@ -183,7 +183,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         if generation_spans is not None:
             data["assistant_masks"] = _assistant_masks(encoding["offset_mapping"], generation_spans, shifts)
         for key in features[0] if features else ():
-            data[key] = concat([f[key] for f in features])  # pixel_values (N, D), grid_sizes (k, 3), ...
+            data[key] = concat([f[key] for f in features])  # pixel_values (N, C*p*p), grid_sizes (k, 3), ...
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def __call__(self, text=None, images=None, videos=None, conversation=None, add_system_prompt=False,
@@ -227,7 +227,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
 
         Content items: `{"type": "text", "text": ...}`; `{"type": "image", "image": path | URL | PIL | array |
         {"image_path": ...}}` (or `path` / `url`, or no payload: the next of `processor_kwargs["images"]`);
-        `{"type": "video", "video": path | URL | bytes | (T, H, W, 3) array | [frames] | {"video_path", "fps",
+        `{"type": "video", "video": path | URL | bytes | (T, Hp, Wp, 3) array | [frames] | {"video_path", "fps",
         "max_frames", "start_time", "end_time"}}`, with those settings and `timestamps` (of in-memory frames)
         also on the item. Options go in `processor_kwargs` or loose; other keywords are template variables.
         """
@@ -322,7 +322,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         return copy, visuals
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
-        """Tokens of each image `(H, W)` and unpruned video `(T, H, W)` alone in a prompt, as vLLM asks. Pruned
+        """Tokens of each image `(Hp, Wp)` and unpruned video `(T, Hp, Wp)` alone in a prompt, as vLLM asks. Pruned
         counts depend on the pixels: a server reads them from the processed `compression_mask`."""
         options = self._options(kwargs, "_get_num_multimodal_tokens")
         images, videos = options["images_kwargs"], options["videos_kwargs"]

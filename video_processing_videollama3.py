@@ -27,7 +27,7 @@ SINGLE_THREAD_PIXELS = 320 * 240
 
 @dataclass
 class SampledVideo:
-    """The frames chosen from one video: their true times (s), `shape` `(T, H, W)` as displayed, and
+    """The frames chosen from one video: their true times (s), `shape` `(T, Hp, Wp)` as displayed, and
     `frames_at(height, width)`, their pixels at any size on demand as `(T, height, width, 3)` uint8 RGB."""
 
     timestamps: list
@@ -37,7 +37,7 @@ class SampledVideo:
 
     @property
     def frames(self) -> np.ndarray:
-        return self.frames_at(*self.shape[1:])  # (T, H, W, 3)
+        return self.frames_at(*self.shape[1:])  # (T, Hp, Wp, 3)
 
 
 def check_sampling(fps, max_frames, start_time=None, end_time=None, name="video"):
@@ -126,7 +126,7 @@ def _video_stream(container, name):
 
 def _decode(source, name, pts: list, seek: bool, rotation: int, height=None, width=None):
     """The frames presented at `pts` as displayed, scaled by swscale to `(height, width)` (area when
-    shrinking, bicubic when enlarging), `(T, H', W', 3)`; with `height` None, the first frame itself."""
+    shrinking, bicubic when enlarging), `(T, Hp', Wp', 3)`; with `height` None, the first frame itself."""
     wanted, out, filled, next_pick = set(pts), None, 0, 0
     reformatter = VideoReformatter()  # one swscale context for the clip, not one per frame
     with _open(source, name) as container:
@@ -145,7 +145,7 @@ def _decode(source, name, pts: list, seek: bool, rotation: int, height=None, wid
                     if frame.pts is None or frame.pts < pts[next_pick]:
                         continue  # decoded only as a reference for later frames
                     if out is None:
-                        out = np.empty((len(pts), height, width, 3), dtype=np.uint8)  # (T, H', W', 3)
+                        out = np.empty((len(pts), height, width, 3), dtype=np.uint8)  # (T, Hp', Wp', 3)
                         # swscale scales the stored picture; a quarter turn swaps its sides.
                         scaled_h, scaled_w = (width, height) if rotation % 2 else (height, width)
                         shrink = scaled_h <= frame.height and scaled_w <= frame.width
@@ -202,7 +202,7 @@ def probe_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None)
 
 def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, timestamps=None) -> SampledVideo:
     """A video sampled at `fps` with PyAV (a path or URL, bytes, a file object), or frames already in memory (a
-    `(T, H, W, C)` or `(T, C, H, W)` array or tensor, a list of frames) taken as sampled at `fps` unless `timestamps`
+    `(T, Hp, Wp, C)` or `(T, C, Hp, Wp)` array or tensor, a list of frames) taken as sampled at `fps` unless `timestamps`
     gives their seconds. Frames are those shown at start, start + 1/fps, ...; over `max_frames`, linspace picks
     that many. A clip shorter than one sampling interval still gives one frame."""
     name = describe(source)
@@ -211,13 +211,13 @@ def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, 
         return probe_video(source, fps, max_frames, start_time, end_time)
     if not isinstance(source, (np.ndarray, torch.Tensor, list, tuple)):
         raise TypeError(f"unsupported video input of type {type(source).__name__}; expected a path, URL, bytes, "
-                        "file object, (T, H, W, 3) array or list of frames")
+                        "file object, (T, Hp, Wp, 3) array or list of frames")
     frames = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4:
-            raise ValueError(f"video {name} array must have shape (T, H, W, 3), got {tuple(frames.shape)}")
+            raise ValueError(f"video {name} array must have shape (T, Hp, Wp, 3), got {tuple(frames.shape)}")
         if frames.shape[-1] not in (1, 3, 4) and frames.shape[1] in (1, 3, 4):
-            frames = np.moveaxis(frames, 1, -1)  # (T, C, H, W) -> (T, H, W, C)
+            frames = np.moveaxis(frames, 1, -1)  # (T, C, Hp, Wp) -> (T, Hp, Wp, C)
     if len(frames) == 0:
         raise ValueError(f"video {name} contains no frames")
     timestamps = [i / fps for i in range(len(frames))] if timestamps is None else [float(t) for t in timestamps]
@@ -229,15 +229,15 @@ def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, 
         raise ValueError(f"video {name} has no frame between start_time={start_time} and end_time={end_time}")
     keep = [keep[i] for i in linspace_picks(len(keep), max_frames)]
     if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.shape[-1] == 3:
-        rgb = np.ascontiguousarray(frames[keep])  # (T, H, W, 3)
+        rgb = np.ascontiguousarray(frames[keep])  # (T, Hp, Wp, 3)
     else:
         try:
-            rgb = [load_image(frames[i]) for i in keep]  # (H, W, 3) each
+            rgb = [load_image(frames[i]) for i in keep]  # (Hp, Wp, 3) each
         except (ValueError, TypeError) as error:
             raise type(error)(f"video {name}: {error}") from None
         if len({f.shape for f in rgb}) > 1:
             raise ValueError(f"video {name} frames differ in size: {sorted({f.shape for f in rgb})}")
-        rgb = np.stack(rgb)  # (T, H, W, 3)
+        rgb = np.stack(rgb)  # (T, Hp, Wp, 3)
     metadata = VideoMetadata(total_num_frames=len(frames), fps=fps, width=rgb.shape[2], height=rgb.shape[1],
                              video_backend="frames", frames_indices=keep)
     return SampledVideo([timestamps[i] for i in keep], rgb.shape[:3], lambda h, w: resize_frames(rgb, h, w), metadata)
@@ -252,19 +252,19 @@ def as_video_list(videos) -> list:
 
 
 def differential_frame_pruning(patches: torch.Tensor, grid, merge_size: int, threshold: float, min_tokens) -> torch.Tensor:
-    """DiffFP keep-mask `(T*gh/m*gw/m,)` of one video's normalised patches `(T*gh*gw, D)` in merge-block order: frame
+    """DiffFP keep-mask `(T*H/m*W/m,)` of one video's normalised patches `(T*H*W, C*p*p)` in merge-block order: frame
     0 whole; a later merged token where its mean absolute change from the previous frame (0..255 units) exceeds
     `threshold`; a frame keeping fewer than `min_tokens` keeps its first ones (in order); `min_tokens` False keeps all."""
     t, gh, gw = (int(v) for v in grid)
     per_frame = num_merged_tokens(1, gh, gw, merge_size)
     if t == 1 or min_tokens is False:
         return torch.ones(t * per_frame, dtype=torch.bool)
-    tokens = patches.view(t, per_frame, -1)  # (T, gh/m*gw/m, m*m*D): a merged token's patches are contiguous
-    change = torch.sub(tokens[1:], tokens[:-1]).abs_().mean(dim=-1) * 255  # (T-1, gh/m*gw/m)
-    keep = torch.ones(t, per_frame, dtype=torch.bool)  # (T, gh/m*gw/m)
+    tokens = patches.view(t, per_frame, -1)  # (T, H/m*W/m, m*m*C*p*p): a merged token's patches are contiguous
+    change = torch.sub(tokens[1:], tokens[:-1]).abs_().mean(dim=-1) * 255  # (T-1, H/m*W/m)
+    keep = torch.ones(t, per_frame, dtype=torch.bool)  # (T, H/m*W/m)
     keep[1:] = change > threshold
     keep[keep.sum(dim=1) < min_tokens, :min_tokens] = True
-    return keep.flatten()  # (T*gh/m*gw/m,)
+    return keep.flatten()  # (T*H/m*W/m,)
 
 
 Videollama3VideoProcessorKwargs = TypedDict("Videollama3VideoProcessorKwargs", {  # pixel settings, sampling, DiffFP
@@ -274,7 +274,7 @@ Videollama3VideoProcessorKwargs = TypedDict("Videollama3VideoProcessorKwargs", {
 
 class Videollama3VideoProcessor(PixelProcessing, VideoProcessorMixin):
     r"""Video processor of VideoLLaMA3: samples at `fps` (at most `max_frames`), resizes a video's frames alike within
-    the token budget, patchifies and prunes with DiffFP; outputs as the image processor's (`grid_sizes` `[T, gh, gw]`).
+    the token budget, patchifies and prunes with DiffFP; outputs as the image processor's (`grid_sizes` `[T, H, W]`).
     Not an `AutoVideoProcessor` (which requires torchvision): the processor builds and saves this one itself."""
 
     valid_kwargs = Videollama3VideoProcessorKwargs
@@ -294,7 +294,7 @@ class Videollama3VideoProcessor(PixelProcessing, VideoProcessorMixin):
     def preprocess(self, videos, merge_size=2, sizes=None, min_tokens=None, max_tokens=None, use_token_compression=None,
                    compression_threshold=None, compression_min_tokens=None, return_tensors="pt") -> BatchFeature:
         """Videos (a `SampledVideo`, anything `fetch_videos` takes, or a list of them) -> model inputs;
-        `merge_size` an int or one per video, `sizes` `(H', W')` per video when the caller shares the budget."""
+        `merge_size` an int or one per video, `sizes` `(Hp', Wp')` per video when the caller shares the budget."""
         items = [v if hasattr(v, "frames_at") else self.fetch_videos(v) for v in as_video_list(videos)]  # duck-typed
         prune, threshold, least = self.settings(use_token_compression=use_token_compression,
                                                 compression_threshold=compression_threshold,

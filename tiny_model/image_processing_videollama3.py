@@ -1,8 +1,7 @@
 """VideoLLaMA3 image processor: image loading, any-resolution resize (AVT) and patchify (Pillow, NumPy, torch).
 
-Shape letters of every file here: T frames of an item (1 for an image), H/W pixel height/width, C = 3 channels,
-P patch size, gh/gw = H/P, W/P (patch grid), m merge size, N patches of a call, D = C*P*P, M merged tokens of a
-call (sum of T*(gh/m)*(gw/m)), K kept merged tokens (after DiffFP).
+Shape letters are those of modeling_videollama3.py (T frames, H/W patch rows/columns, m merge size, N patches,
+M merged tokens, K kept tokens, C channels, p patch size), plus Hp/Wp for an image's or frame's pixel height/width.
 """
 
 import io
@@ -33,7 +32,7 @@ def concat(tensors: list) -> torch.Tensor:
 
 
 def num_merged_tokens(t: int, gh: int, gw: int, m: int) -> int:
-    """Merged tokens of an item of `t` frames of `gh x gw` patches merged by `m`."""
+    """Merged tokens of an item of `t` frames of `H x W` patches merged by `m`."""
     return t * (gh // m) * (gw // m)
 
 
@@ -66,7 +65,7 @@ def fetch_url(url: str, kind: str) -> bytes:
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """A PIL image as `(H, W, 3)` uint8 RGB, EXIF orientation applied: transparency on white (what a
+    """A PIL image as `(Hp, Wp, 3)` uint8 RGB, EXIF orientation applied: transparency on white (what a
     viewer shows), 16/32-bit and float greyscale scaled to 8 bits rather than clipped."""
     image = ImageOps.exif_transpose(image)
     mode = image.mode  # before any conversion below
@@ -78,14 +77,14 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
     elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
         rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # (H, W, 3)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # (Hp, Wp, 3)
 
 
 def array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
-    """An image array (HW, HWC or CHW; uint8, bool, integers 0..255 or floats in [0, 1]) as `(H, W, 3)` uint8."""
+    """An image array (HW, HWC or CHW; uint8, bool, integers 0..255 or floats in [0, 1]) as `(Hp, Wp, 3)` uint8."""
     array = array[:, :, None] if array.ndim == 2 else array  # (H, W, 1)
     if array.ndim != 3:
-        raise ValueError(f"image {name} must have 2 or 3 dimensions (H, W[, C]), got shape {tuple(array.shape)}")
+        raise ValueError(f"image {name} must have 2 or 3 dimensions (Hp, Wp[, C]), got shape {tuple(array.shape)}")
     if array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
     if array.shape[-1] not in (1, 3, 4):
@@ -102,8 +101,8 @@ def array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"integer image {name} must hold values in 0..255, got dtype {array.dtype}")
     array = array.astype(np.uint8, copy=False)
     if array.shape[-1] == 4:
-        return pil_to_rgb(Image.fromarray(np.ascontiguousarray(array), mode="RGBA"))  # (H, W, 3)
-    return np.ascontiguousarray(np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array)  # (H, W, 3)
+        return pil_to_rgb(Image.fromarray(np.ascontiguousarray(array), mode="RGBA"))  # (Hp, Wp, 3)
+    return np.ascontiguousarray(np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array)  # (Hp, Wp, 3)
 
 
 def open_image(source, name: str) -> np.ndarray:
@@ -124,7 +123,7 @@ def open_image(source, name: str) -> np.ndarray:
 
 
 def load_image(source) -> np.ndarray:
-    """One image as RGB uint8 `(H, W, 3)`, EXIF orientation applied, from a path (or `file://` path),
+    """One image as RGB uint8 `(Hp, Wp, 3)`, EXIF orientation applied, from a path (or `file://` path),
     an http(s) URL, bytes, a binary file object, a PIL image, an array (HW, HWC or CHW) or a tensor."""
     name = describe(source)
     if isinstance(source, Image.Image):
@@ -141,11 +140,11 @@ def load_image(source) -> np.ndarray:
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int, resample: int = BICUBIC) -> np.ndarray:
-    """Pillow resize of uint8 frames `(T, H, W, 3)` -> `(T, height, width, 3)`, before any float work."""
+    """Pillow resize of uint8 frames `(T, Hp, Wp, 3)` -> `(T, height, width, 3)`, before any float work."""
     if frames.shape[1:3] == (height, width):
         return frames
     size = (width, height)  # PIL sizes are (width, height)
-    return np.stack([np.asarray(Image.fromarray(f).resize(size, resample=resample)) for f in frames])  # (T, H', W', 3)
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, resample=resample)) for f in frames])  # (T, Hp', Wp', 3)
 
 
 def _too_elongated(index, h, w, new_h, new_w, factor, max_tokens, count) -> ValueError:
@@ -156,14 +155,14 @@ def _too_elongated(index, h, w, new_h, new_w, factor, max_tokens, count) -> Valu
 
 
 def smart_sizes(shapes, merge_sizes, patch_size: int, min_tokens: int, max_tokens: int) -> list[tuple[int, int]]:
-    """Resized `(H', W')` of each item `(T, H, W)` of one call sharing `max_tokens` merged tokens (the official rule).
+    """Resized `(Hp', Wp')` of each item `(T, Hp, Wp)` of one call sharing `max_tokens` merged tokens (the official rule).
 
     One merge size: each frame or image gets `max_tokens / (frames + images)`, rounded to whole merged
     patches, and at least `min_tokens`. Mixed merge sizes: one global scale, no minimum.
     """
     for index, (t, h, w) in enumerate(shapes):
         if t < 1 or h < 1 or w < 1:
-            raise ValueError(f"visual item {index} has an empty shape (T, H, W) = {(t, h, w)}")
+            raise ValueError(f"visual item {index} has an empty shape (T, Hp, Wp) = {(t, h, w)}")
     factors = [patch_size * m for m in merge_sizes]
     if len(set(merge_sizes)) > 1:
         total = sum(t * math.ceil(h / f) * math.ceil(w / f) for (t, h, w), f in zip(shapes, factors))
@@ -224,7 +223,7 @@ class PixelProcessing:
         return {key: getattr(self, key) for key in Videollama3ImageProcessorKwargs.__annotations__}
 
     def target_sizes(self, shapes, merge_sizes, min_tokens=None, max_tokens=None) -> list[tuple[int, int]]:
-        """Resized `(H', W')` of each item `(T, H, W)` of one call (see `smart_sizes`)."""
+        """Resized `(Hp', Wp')` of each item `(T, Hp, Wp)` of one call (see `smart_sizes`)."""
         min_tokens, max_tokens = self.settings(min_tokens=min_tokens, max_tokens=max_tokens)
         for key, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -238,42 +237,42 @@ class PixelProcessing:
         return [(h, w) for _, h, w in shapes]
 
     def num_tokens(self, shapes, merge_sizes, min_tokens=None, max_tokens=None) -> list[int]:
-        """Merged tokens of each item `(T, H, W)` before pruning (no pixels needed)."""
+        """Merged tokens of each item `(T, Hp, Wp)` before pruning (no pixels needed)."""
         sizes, p = self.target_sizes(shapes, merge_sizes, min_tokens, max_tokens), self.patch_size
         return [num_merged_tokens(t, h // p, w // p, m) for (t, _, _), (h, w), m in zip(shapes, sizes, merge_sizes)]
 
     def to_patches(self, frames: np.ndarray, merge_size: int) -> torch.Tensor:
-        """uint8 frames `(T, H, W, C)` -> normalised float32 patches `(T*gh*gw, C*P*P)` in merge-block order. The
+        """uint8 frames `(T, Hp, Wp, C)` -> normalised float32 patches `(T*H*W, C*p*p)` in merge-block order. The
         permutation runs on uint8 (a quarter of the bytes), then one in-place multiply-add per channel."""
         (t, h, w, c), p, m = frames.shape, self.patch_size, merge_size
         gh, gw = h // p, w // p
-        blocks = frames.reshape(t, gh // m, m, p, gw // m, m, p, c)  # (T, gh/m, m, P, gw/m, m, P, C)
-        blocks = blocks.transpose(0, 1, 4, 2, 5, 7, 3, 6)  # (T, gh/m, gw/m, m, m, C, P, P)
-        blocks = np.ascontiguousarray(blocks).reshape(t * gh * gw, c, p * p)  # (N, C, P*P)
+        blocks = frames.reshape(t, gh // m, m, p, gw // m, m, p, c)  # (T, H/m, m, p, W/m, m, p, C)
+        blocks = blocks.transpose(0, 1, 4, 2, 5, 7, 3, 6)  # (T, H/m, W/m, m, m, C, p, p)
+        blocks = np.ascontiguousarray(blocks).reshape(t * gh * gw, c, p * p)  # (N, C, p*p)
         scale = torch.full((c,), self.rescale_factor if self.do_rescale else 1.0, dtype=torch.float64)
         shift = torch.zeros(c, dtype=torch.float64)
         if self.do_normalize:
             std = torch.tensor(self.image_std, dtype=torch.float64)
             scale, shift = scale / std, -torch.tensor(self.image_mean, dtype=torch.float64) / std
-        patches = torch.from_numpy(blocks).to(torch.float32)  # (N, C, P*P)
+        patches = torch.from_numpy(blocks).to(torch.float32)  # (N, C, p*p)
         patches.mul_(scale.float().view(1, c, 1)).add_(shift.float().view(1, c, 1))
-        return patches.view(t * gh * gw, c * p * p)  # (N, D)
+        return patches.view(t * gh * gw, c * p * p)  # (N, C*p*p)
 
     def encode(self, items, shapes, read, keep, merge_size, sizes, min_tokens, max_tokens, return_tensors) -> BatchFeature:
-        """`pixel_values (N, D)`, `grid_sizes (k, 3)`, `merge_sizes (k,)`, `compression_mask (M,)` of `items` of
-        `shapes` `(T, H, W)`: `read(item, h, w)` gives uint8 `(T, h, w, 3)`, `keep(patches, grid, m)` the mask;
-        `sizes` (`(H', W')` each) when the caller shares the budget with other items."""
+        """`pixel_values (N, C*p*p)`, `grid_sizes (k, 3)`, `merge_sizes (k,)`, `compression_mask (M,)` of `items` of
+        `shapes` `(T, Hp, Wp)`: `read(item, h, w)` gives uint8 `(T, h, w, 3)`, `keep(patches, grid, m)` the mask;
+        `sizes` (`(Hp', Wp')` each) when the caller shares the budget with other items."""
         merges = list(merge_size) if isinstance(merge_size, (list, tuple)) else [merge_size] * len(items)
         sizes = self.target_sizes(shapes, merges, min_tokens, max_tokens) if sizes is None else sizes
         if not len(items) == len(merges) == len(sizes):
             raise ValueError(f"got {len(items)} items, {len(merges)} merge sizes and {len(sizes)} sizes")
         patches, grids, masks = [], [], []
         for item, (h, w), m in zip(items, sizes, merges):
-            patches.append(self.to_patches(read(item, int(h), int(w)), m))  # (T*gh*gw, D)
+            patches.append(self.to_patches(read(item, int(h), int(w)), m))  # (T*H*W, C*p*p)
             grids.append((len(patches[-1]) // (h // self.patch_size * (w // self.patch_size)), h // self.patch_size,
                           w // self.patch_size))
-            masks.append(keep(patches[-1], grids[-1], m))  # (T*gh/m*gw/m,)
-        data = {"pixel_values": concat(patches), "grid_sizes": torch.tensor(grids, dtype=torch.long),  # (N, D), (k, 3)
+            masks.append(keep(patches[-1], grids[-1], m))  # (T*H/m*W/m,)
+        data = {"pixel_values": concat(patches), "grid_sizes": torch.tensor(grids, dtype=torch.long),  # (N, C*p*p), (k, 3)
                 "merge_sizes": torch.tensor(merges, dtype=torch.long), "compression_mask": concat(masks)}  # (k,), (M,)
         if return_tensors in (None, "np"):
             data = {key: value.numpy() for key, value in data.items()}
@@ -283,8 +282,8 @@ class PixelProcessing:
 class Videollama3ImageProcessor(PixelProcessing, ImageProcessingMixin):
     r"""Any-resolution image processor of VideoLLaMA3; reads the official `preprocessor_config.json` unchanged.
 
-    One call shares `max_tokens` merged tokens among its images. Output (`BatchFeature`): `pixel_values (N, D)`
-    float32, `grid_sizes (k, 3)` `[1, gh, gw]`, `merge_sizes (k,)`, `compression_mask (M,)` (all True:
+    One call shares `max_tokens` merged tokens among its images. Output (`BatchFeature`): `pixel_values (N, C*p*p)`
+    float32, `grid_sizes (k, 3)` `[1, H, W]`, `merge_sizes (k,)`, `compression_mask (M,)` (all True:
     images are never pruned).
     """
 
@@ -293,7 +292,7 @@ class Videollama3ImageProcessor(PixelProcessing, ImageProcessingMixin):
     model_input_names = ["pixel_values", "grid_sizes", "merge_sizes", "compression_mask"]
 
     def fetch_images(self, image_url_or_urls):
-        """Images (any form `load_image` takes, or a list of them) as `(H, W, 3)` uint8 arrays."""
+        """Images (any form `load_image` takes, or a list of them) as `(Hp, Wp, 3)` uint8 arrays."""
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(item) for item in image_url_or_urls]
         return load_image(image_url_or_urls)
