@@ -49,3 +49,14 @@ def test_auto_classes_in_a_fresh_process(layout, tmp_path, reference):
         assert out["processor_module"].endswith("videollama3.tiny.0123456789abcdef0123456789abcdef01234567.processing_videollama3")
     else:
         assert out["processor_module"].startswith("transformers_modules.checkpoint.")
+
+
+def test_the_tokenizer_alone_needs_no_remote_code():
+    """`trust_remote_code=False` loads the tokenizer without prompting; without the flag transformers asks
+    about the folder's config.json code (AutoTokenizer reads the config first), which nothing here can change."""
+    code = ("from transformers import AutoTokenizer; "
+            "t = AutoTokenizer.from_pretrained('tiny_model', trust_remote_code=False); print(type(t).__name__, len(t))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and "[y/N]" not in done.stdout + done.stderr, done.stderr[-2000:]
+    assert done.stdout.split()[0] in ("Qwen2Tokenizer", "Qwen2TokenizerFast", "TokenizersBackend")

@@ -342,8 +342,9 @@ def test_undecodable_media_fail_or_skip(tmp_path, media_root, processor):
     rows[1] = {**rows[1], "video": ["broken.mp4"]}
     dataset = records(rows)
     collator = build_collator(processor, train_args(tmp_path, media_root), dataset)
-    with pytest.raises(MediaLoadError, match=r"sample 1 .*broken\.mp4"):
+    with pytest.raises(MediaLoadError, match=r"sample 1 .*broken\.mp4") as raised:
         collator([dataset[0], dataset[1]])
+    assert "conversation" not in str(raised.value)  # one way of pointing: the sample, then the item in it
     collator = build_collator(processor, train_args(tmp_path, media_root, media_error_policy="skip"), dataset)
     batch = collator([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 2  # replaced by the next usable row
