@@ -16,8 +16,11 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 GENERATION_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "num_beams"}
 
 
-def _media_bytes(item: dict, kind: str) -> dict:
-    """A content item with any base64 payload decoded to bytes, which the processor reads like a file."""
+def _media_bytes(item) -> dict:
+    """A content item with any base64 image or video payload decoded to bytes, which the processor reads like a file."""
+    kind = item.get("type") if isinstance(item, dict) else None
+    if kind not in ("image", "video"):
+        return item
     payload = item.get("base64", item.get(kind))
     if isinstance(payload, str) and ("base64" in item or payload.startswith("data:")):
         try:
@@ -46,9 +49,8 @@ class EndpointHandler:
             messages = [{"role": "user", "content": messages}]
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError(f"'inputs' must be a list of chat messages or a string, got {type(messages).__name__}")
-        messages = [dict(m, content=[_media_bytes(c, c.get("type")) if isinstance(c, dict) and c.get("type") in
-                                     ("image", "video") else c for c in m["content"]])
-                    if isinstance(m.get("content"), list) else m for m in messages]
+        messages = [dict(m, content=[_media_bytes(item) for item in m["content"]]) if isinstance(m.get("content"), list)
+                    else m for m in messages]
         generation = {k: parameters.pop(k) for k in list(parameters) if k in GENERATION_KEYS}
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt", processor_kwargs=parameters)

@@ -50,6 +50,13 @@ def snapshot_layout(folder: Path, cache: Path, repo_id: str = "videollama3/tiny"
     return repo_id
 
 
+CONVERSATION = [{"role": "user", "content": [
+    {"type": "image", "image": str(MEDIA / "shapes.png")},
+    {"type": "video", "video": str(MEDIA / "shapes.mp4")},
+    {"type": "text", "text": "What appears in the video?"},
+]}]
+
+
 def run(source: str) -> dict:
     import torch
     import transformers
@@ -57,12 +64,7 @@ def run(source: str) -> dict:
 
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True).eval()
-    conversation = [{"role": "user", "content": [
-        {"type": "image", "image": str(MEDIA / "shapes.png")},
-        {"type": "video", "video": str(MEDIA / "shapes.mp4")},
-        {"type": "text", "text": "What appears in the video?"},
-    ]}]
-    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+    inputs = processor.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)

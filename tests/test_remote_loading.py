@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from tests.remote_smoke import CONVERSATION
 from tools.local import REPO_ROOT, remote_module
 
 
@@ -25,11 +26,7 @@ def reference():
     """The same conversation through this checkout's files imported in-process (no Hub loader)."""
     processor = remote_module("processing_videollama3").Videollama3Qwen2Processor.from_pretrained(
         str(REPO_ROOT / "tiny_model"), trust_remote_code=True)
-    media = REPO_ROOT / "examples" / "media"
-    conversation = [{"role": "user", "content": [
-        {"type": "image", "image": str(media / "shapes.png")}, {"type": "video", "video": str(media / "shapes.mp4")},
-        {"type": "text", "text": "What appears in the video?"}]}]
-    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+    inputs = processor.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     model = remote_module("modeling_videollama3").Videollama3Qwen2ForCausalLM.from_pretrained(str(REPO_ROOT / "tiny_model"))
     with torch.no_grad():

@@ -97,7 +97,7 @@ def array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
         array = np.rint(np.nan_to_num(array) * 255).astype(np.uint8)
     elif not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"image {name} has unsupported dtype {array.dtype}")
-    elif array.size and (array.min() < 0 or array.max() > 255):
+    elif array.dtype != np.uint8 and array.size and (array.min() < 0 or array.max() > 255):
         raise ValueError(f"integer image {name} must hold values in 0..255, got dtype {array.dtype}")
     array = array.astype(np.uint8, copy=False)
     if array.shape[-1] == 4:
@@ -267,10 +267,9 @@ class PixelProcessing:
         if not len(items) == len(merges) == len(sizes):
             raise ValueError(f"got {len(items)} items, {len(merges)} merge sizes and {len(sizes)} sizes")
         patches, grids, masks = [], [], []
-        for item, (h, w), m in zip(items, sizes, merges):
+        for item, (t, _, _), (h, w), m in zip(items, shapes, sizes, merges):
             patches.append(self.to_patches(read(item, int(h), int(w)), m))  # (T*H*W, C*p*p)
-            grids.append((len(patches[-1]) // (h // self.patch_size * (w // self.patch_size)), h // self.patch_size,
-                          w // self.patch_size))
+            grids.append((t, h // self.patch_size, w // self.patch_size))
             masks.append(keep(patches[-1], grids[-1], m))  # (T*H/m*W/m,)
         data = {"pixel_values": concat(patches), "grid_sizes": torch.tensor(grids, dtype=torch.long),  # (N, C*p*p), (k, 3)
                 "merge_sizes": torch.tensor(merges, dtype=torch.long), "compression_mask": concat(masks)}  # (k,), (M,)

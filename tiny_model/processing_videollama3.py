@@ -249,7 +249,8 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         for sample, messages in enumerate(conversations):
             count, where = len(spare[sample]), f"conversation {sample} " * batched  # an index only in a batch
             copy, visuals = self._prepare(messages, where, options, tokenize, spare[sample], template)
-            rendered, visuals_per_sample = rendered + [copy], visuals_per_sample + [visuals]
+            rendered.append(copy)
+            visuals_per_sample.append(visuals)
             if spare[sample]:
                 raise ValueError(f"{where}the conversation has {count - len(spare[sample])} image items without an "
                                  f"image but {count} images were given in processor_kwargs['images']")

@@ -71,27 +71,17 @@ def copy_remote_code(output_dir, model=None, processor=None) -> list[str]:
     return copied
 
 
-FULL_USAGE = '''```python
-from transformers import AutoModelForImageTextToText, AutoProcessor
+# The usage snippet of a stage's card: how the model loads (full weights or an adapter), then one chat turn.
+LOAD_FULL = 'model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)'
+LOAD_ADAPTER = (
+    'base = AutoModelForImageTextToText.from_pretrained("{base}", trust_remote_code=True)\n'
+    "model = PeftModel.from_pretrained(base, path)"
+)
+USAGE = '''```python
+{imports}from transformers import AutoModelForImageTextToText, AutoProcessor
 
 path = "{path}"
-model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
-processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image", "image": "photo.png"}},
-                                        {{"type": "text", "text": "What is in the picture?"}}]}}]
-inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                       return_dict=True, return_tensors="pt")
-out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
-```'''
-
-ADAPTER_USAGE = '''```python
-from peft import PeftModel
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-path = "{path}"
-base = AutoModelForImageTextToText.from_pretrained("{base}", trust_remote_code=True)
-model = PeftModel.from_pretrained(base, path)
+{load}
 processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
 messages = [{{"role": "user", "content": [{{"type": "image", "image": "photo.png"}},
                                         {{"type": "text", "text": "What is in the picture?"}}]}}]
@@ -122,7 +112,8 @@ def model_card(args, base_model: str, data: list[str], num_rows: int, stage_name
     values = {k: getattr(args, k) for k in CARD_SETTINGS + (LORA_SETTINGS if adapter else ())}
     recipe = "\n".join(f"| `{k}` | `{v.value if isinstance(v, Enum) else v}` |" for k, v in values.items())
     sources = ", ".join(f"`{d}`" for d in data) if data else "rows passed in memory"
-    usage = (ADAPTER_USAGE if adapter else FULL_USAGE).format(path=output_dir, base=base_model)
+    usage = USAGE.format(imports="from peft import PeftModel\n" if adapter else "", path=output_dir,
+                         load=LOAD_ADAPTER.format(base=base_model) if adapter else LOAD_FULL)
     return (
         "---\n"
         "library_name: " + ("peft" if adapter else "transformers") + "\n"

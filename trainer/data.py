@@ -110,7 +110,7 @@ def load_records(source: str, split: str = "train") -> datasets.Dataset:
         files = None
     if files is None:
         dataset = datasets.load_dataset(source, split=split)  # a Hub dataset (online only)
-        sources = [source] * len(dataset)
+        counts = {}
     else:
         files = [f for f in files if os.path.getsize(f) > 0]  # datasets cannot read an empty file
         # With several files, each row's file is found by counting rows (one more read of each).
@@ -118,7 +118,6 @@ def load_records(source: str, split: str = "train") -> datasets.Dataset:
         files = [f for f in files if counts.get(f, 1)]  # nor one holding no rows (`[]`)
         if not files:
             raise ValueError(f"no training rows in {source}")
-        sources = [f for f in files for _ in range(counts[f])] if counts else files
         if all(f.endswith(".parquet") for f in files):
             dataset = datasets.load_dataset("parquet", data_files=files, split="train")
         else:
@@ -129,7 +128,8 @@ def load_records(source: str, split: str = "train") -> datasets.Dataset:
                 dataset = datasets.Dataset.from_dict({RECORD_COLUMN: [json.dumps(r) for f in files for r in _read_json(f)]})
     if len(dataset) == 0:
         raise ValueError(f"no training rows in {source}")
-    if len(sources) != len(dataset):  # one file, or datasets read them otherwise than `_count_rows`
+    sources = [f for f, count in counts.items() for _ in range(count)]
+    if len(sources) != len(dataset):  # one file (or datasets read them otherwise than `_count_rows`)
         sources = [files[0] if files and len(files) == 1 else source] * len(dataset)
     return dataset.add_column(INDEX_COLUMN, list(range(len(dataset)))).add_column(SOURCE_COLUMN, sources)
 
@@ -210,9 +210,7 @@ def to_conversation(row: dict, index: int | None = None) -> Conversation:
         keys = sorted(k for k, v in record.items() if v is not None and k not in (INDEX_COLUMN, SOURCE_COLUMN))
         raise SampleError(index, f"has neither 'conversations' nor 'messages' (keys: {keys})")
     except SampleError as error:
-        if error.source is not None or source is None:
-            raise
-        raise error.with_source(source) from error
+        raise error.with_source(source)  # the same error where it names a file already or none is known
 
 
 def _as_list(value) -> list:
