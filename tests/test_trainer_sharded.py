@@ -1,10 +1,12 @@
-"""Distributed training against one process at the same global batch: DDP on 2 CPU processes
-(gloo), and stage 3 under FSDP2 and ZeRO-3, which accelerate sets up only on GPU-type devices, so
-on CPU they skip with the reason."""
+"""Distributed training against one process at the same global batch, on 2 CPU processes (gloo):
+DDP, FSDP2 as transformers applies it at load time (`--fsdp_size`), and accelerate's FSDP2 plugin
+of `fsdp.yaml` with the distributed type accelerate sets only on GPUs set by a test harness. The
+plain `fsdp.yaml` launch and ZeRO-3 need 2 CUDA devices and skip here with the reason."""
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,20 +19,21 @@ from transformers import AutoModelForCausalLM
 from tests.test_trainer import REPLIES, media_root, save_base, tiny_model, write_jsonl  # noqa: F401
 from tests.tiny_processor import tiny_processor
 from tools.local import REPO_ROOT
+from trainer import Videollama3SFTConfig
 from trainer.cli import main
 
-# Found on accelerate 1.16 / torch 2.13 CPU: torch's `fully_shard` itself trains on 2 gloo CPU
-# processes (frozen parameters included), but accelerate never sets up FSDP there.
 FSDP_ON_CPU = (
     "accelerate sets DistributedType.FSDP only inside `elif self.distributed_type in [MULTI_GPU, MULTI_MLU, "
     "MULTI_SDAA, MULTI_MUSA, MULTI_NPU, MULTI_XPU, MULTI_HPU, MULTI_NEURON]` (accelerate/state.py, "
     "AcceleratorState.__init__, L947-974 in 1.16); CPU ranks are MULTI_CPU (state.py L755-770), so "
     "`accelerate launch --config_file trainer/configs/fsdp.yaml ... --use_cpu` trains as plain DDP "
-    "(without --use_cpu each process trains alone); needs 2 CUDA devices"
+    "(without --use_cpu each process trains alone); needs 2 CUDA devices. On CPU ranks the plugin runs in "
+    "test_accelerate_fsdp2_plugin_of_fsdp_yaml_on_cpu_ranks_matches_one_process, and transformers' FSDP2 "
+    "(`--fsdp_size`) in test_fsdp2_at_load_time_on_two_cpu_processes_matches_one_process"
 )
 ZERO3_ON_CPU = (
     "accelerate sets up DeepSpeed only `and not cpu` (accelerate/state.py L935 in 1.16), and deepspeed is "
-    "not installed here; needs 2 CUDA devices and `pip install deepspeed`"
+    "not in this machine's package index; needs 2 CUDA devices and `pip install deepspeed`"
 )
 STEPS = 2
 
@@ -45,11 +48,15 @@ def rows():
     ]
 
 
-def flags(base, data, media, out, per_device):
-    # Stage 3 with stage 1's freezing: the vision encoder trains (its gradients must be reduced on
-    # the text-only rank too) and the LLM must come out bit-identical.
+# Stage 3 with stage 1's freezing: the vision encoder trains (its gradients must be reduced on the
+# text-only rank too) and the LLM must come out bit-identical. Stage 3 as shipped trains all three.
+FROZEN_LLM = ("vision_encoder", "mm_projector")
+ALL_MODULES = ("vision_encoder", "mm_projector", "llm")
+
+
+def flags(base, data, media, out, per_device, trainable=FROZEN_LLM):
     return ["--stage", "3", "--model", base, "--data", data, "--data_root", str(media), "--output_dir", out,
-            "--trainable_modules", "vision_encoder", "mm_projector", "--max_steps", str(STEPS),
+            "--trainable_modules", *trainable, "--max_steps", str(STEPS),
             "--per_device_train_batch_size", str(per_device), "--bf16", "false", "--report_to", "none",
             "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1", "--max_frames", "4",
             "--max_visual_tokens", "256", "--max_length", "2048", "--seed", "0"]
@@ -60,21 +67,19 @@ def losses(output_dir):
         return [entry["loss"] for entry in json.load(handle)["log_history"] if "loss" in entry]
 
 
-def check_sharded_run_matches_one_process(tmp_path, media_root, accelerate_config, extra=()):  # noqa: F811
-    """Two processes under `trainer/configs/<accelerate_config>` give the losses of one process at
-    the same global batch, a complete checkpoint, and a bit-identical frozen LLM."""
+def check_sharded_run_matches_one_process(tmp_path, media_root, launcher, extra=(), trainable=FROZEN_LLM,  # noqa: F811
+                                          module="trainer"):
+    """Two processes started by `launcher` give the losses of one process at the same global batch,
+    a complete checkpoint, and the LLM bit-identical when frozen. Returns the launch's log."""
     processor = tiny_processor()
     base = save_base(tiny_model(processor), processor, tmp_path / "base")
     data = write_jsonl(tmp_path / "train.jsonl", rows())
     single = str(tmp_path / "single")
-    main([*flags(base, data, media_root, single, per_device=2), *extra])
+    main(flags(base, data, media_root, single, per_device=2, trainable=trainable))
 
-    config = yaml.safe_load((REPO_ROOT / "trainer" / "configs" / accelerate_config).read_text())
-    config.update(num_processes=2, mixed_precision="no", main_process_port=29500 + os.getpid() % 1000)
-    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(config))
     sharded = str(tmp_path / "sharded")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "launch.yaml"),
-               "-m", "trainer", *flags(base, data, media_root, sharded, per_device=1), *extra]
+    command = [sys.executable, "-m", *launcher, "-m", module,
+               *flags(base, data, media_root, sharded, per_device=1, trainable=trainable), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
@@ -87,23 +92,87 @@ def check_sharded_run_matches_one_process(tmp_path, media_root, accelerate_confi
     torch.testing.assert_close(losses(sharded), losses(single), atol=1e-4, rtol=0)
     model, info = AutoModelForCausalLM.from_pretrained(sharded, trust_remote_code=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert sorted(os.listdir(sharded)) == sorted(os.listdir(single))  # the same files: no wrapper's code or state
+    with open(os.path.join(sharded, "config.json")) as handle:
+        assert json.load(handle)["auto_map"]["AutoModelForCausalLM"] == "modeling_videollama3.Videollama3Qwen2ForCausalLM"
     before, after = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(sharded, "model.safetensors"))
+    # transformers' FSDP2 save gathers tied weights as separate tensors, so the tied LM head is written too.
+    assert set(after) - set(before) <= {"lm_head.weight"} and set(before) <= set(after)
+    assert torch.equal(after.get("lm_head.weight", after["model.embed_tokens.weight"]), after["model.embed_tokens.weight"])
     llm = [k for k in before if not k.startswith(("model.vision_encoder.", "model.mm_projector."))]
-    assert llm and all(torch.equal(before[k], after[k]) for k in llm)  # frozen: bit-identical
+    assert llm and all(torch.equal(before[k], after[k]) for k in llm) == ("llm" not in trainable)  # frozen: bit-identical
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.vision_encoder."))
+    single_weights = load_file(os.path.join(single, "model.safetensors"))
+    for name, weight in single_weights.items():
+        torch.testing.assert_close(after[name], weight, atol=1e-6, rtol=0)
+    return log
+
+
+def accelerate_launch(tmp_path, accelerate_config, **fsdp_config):
+    config = yaml.safe_load((REPO_ROOT / "trainer" / "configs" / accelerate_config).read_text())
+    config.update(num_processes=2, mixed_precision="no", main_process_port=29500 + os.getpid() % 1000)
+    config.get("fsdp_config", {}).update(fsdp_config)
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(config))
+    return ["accelerate.commands.launch", "--config_file", str(tmp_path / "launch.yaml")]
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, media_root):  # noqa: F811
-    """The same contract where it can run here: 2 gloo CPU ranks, one of them text-only each step."""
-    check_sharded_run_matches_one_process(tmp_path, media_root, "ddp_cpu.yaml", extra=["--use_cpu"])
+    """2 gloo CPU ranks, one of them text-only each step."""
+    check_sharded_run_matches_one_process(tmp_path, media_root, accelerate_launch(tmp_path, "ddp_cpu.yaml"),
+                                          extra=["--use_cpu"])
+
+
+@pytest.mark.parametrize("trainable", [FROZEN_LLM, ALL_MODULES], ids=["llm_frozen", "all_modules"])
+def test_fsdp2_at_load_time_on_two_cpu_processes_matches_one_process(tmp_path, media_root, trainable):  # noqa: F811
+    """The README's FSDP2 command: each rank holds about half the weights, the text-only rank runs the
+    sharded vision layers too (the dummy pass), and the checkpoint is the one process's layout."""
+    launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    log = check_sharded_run_matches_one_process(tmp_path, media_root, launcher, extra=["--use_cpu", "--fsdp_size", "2"],
+                                                trainable=trainable)
+    held = re.search(r"sharded at load time over 2 processes: this process holds (\d+) of (\d+) parameter values", log)
+    assert held, log[-4000:]
+    local, total = map(int, held.groups())
+    assert total / 2 <= local < total * 0.55  # halves, plus FSDP2's padding of uneven dimensions
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason=FSDP_ON_CPU)
-def test_fsdp2_stage3_matches_one_process(tmp_path, media_root):  # noqa: F811
-    check_sharded_run_matches_one_process(tmp_path, media_root, "fsdp.yaml")
+def test_accelerate_fsdp2_stage3_matches_one_process(tmp_path, media_root):  # noqa: F811
+    check_sharded_run_matches_one_process(tmp_path, media_root, accelerate_launch(tmp_path, "fsdp.yaml"))
+
+
+def test_accelerate_fsdp2_plugin_of_fsdp_yaml_on_cpu_ranks_matches_one_process(tmp_path, media_root):  # noqa: F811
+    """`fsdp.yaml` (its wrap classes, full-state-dict save) through accelerate's own FSDP2 code, on CPU
+    ranks by way of `tests.accelerate_fsdp_on_cpu`, which sets the distributed type a GPU launch gets."""
+    launcher = accelerate_launch(tmp_path, "fsdp.yaml", fsdp_cpu_ram_efficient_loading=False)  # refused on CPU
+    log = check_sharded_run_matches_one_process(tmp_path, media_root, launcher, extra=["--use_cpu"],
+                                                module="tests.accelerate_fsdp_on_cpu")
+    held = re.search(r"accelerate FSDP2: this process holds (\d+) of (\d+) parameter values", log)
+    assert held, log[-4000:]
+    local, total = map(int, held.groups())
+    assert total / 2 <= local < total * 0.55
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or importlib.util.find_spec("deepspeed") is None,
                     reason=ZERO3_ON_CPU)
 def test_zero3_stage3_matches_one_process(tmp_path, media_root):  # noqa: F811
-    check_sharded_run_matches_one_process(tmp_path, media_root, "zero3.yaml")
+    check_sharded_run_matches_one_process(tmp_path, media_root, accelerate_launch(tmp_path, "zero3.yaml"))
+
+
+def test_fsdp_size_refuses_what_load_time_fsdp2_cannot_do(tmp_path, monkeypatch):
+    """Each refusal names the setting and the way out, before any weights load."""
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"fsdp_size=2 must be at least 2 and equal the number of processes the launch "
+                                         r"started \(WORLD_SIZE=1\)"):
+        Videollama3SFTConfig(output_dir=out, fsdp_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"fsdp_size=1 must be at least 2"):
+        Videollama3SFTConfig(output_dir=out, fsdp_size=1)
+    with pytest.raises(ValueError, match="LoRA under load-time FSDP2 is not supported"):
+        Videollama3SFTConfig(output_dir=out, fsdp_size=2, lora=True, save_strategy="no")
+    with pytest.raises(ValueError, match=r"and --fsdp \(accelerate's FSDP plugin\) both shard the model"):
+        Videollama3SFTConfig(output_dir=out, fsdp_size=2, fsdp="full_shard", save_strategy="no")
+    with pytest.raises(ValueError, match="add --save_only_model"):
+        Videollama3SFTConfig(output_dir=out, fsdp_size=2)
+    with pytest.raises(ValueError, match=r"the launch started 2 processes, but they train as 1; CPU ranks form one "
+                                         r"gloo job only with --use_cpu"):
+        Videollama3SFTConfig(output_dir=out, fsdp_size=2, save_only_model=True)

@@ -11,6 +11,7 @@ from enum import Enum
 from pathlib import Path
 
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 REMOTE_CODE_FILES = (
     "configuration_videollama3.py",
@@ -30,10 +31,22 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def model_class(model: nn.Module) -> type:
+    """The class the checkpoint's remote code defines: FSDP2 swaps in a subclass of it that lives in torch."""
+    return next(cls for cls in type(unwrap(model)).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def register_auto_classes(model, processor):
     """Register the live classes so `save_pretrained` writes their `auto_map` entries."""
     base = unwrap(model)
-    type(base).register_for_auto_class("AutoModelForCausalLM")
+    own = model_class(base)
+    own.register_for_auto_class("AutoModelForCausalLM")
+    if type(base) is not own:
+        # save_pretrained would copy torch's FSDP module as the model's code and map AutoModelForCausalLM to it;
+        # copy_remote_code copies ours instead, and the config maps the model as custom_object_save would.
+        type(base)._auto_class = None
+        base.config.auto_map = {**(getattr(base.config, "auto_map", None) or {}),
+                                "AutoModelForCausalLM": f"{own.__module__.rpartition('.')[2]}.{own.__name__}"}
     if processor is not None and getattr(type(processor), "_auto_class", None) is None:
         type(processor).register_for_auto_class("AutoProcessor")
     image_processor = getattr(processor, "image_processor", None)
@@ -49,11 +62,11 @@ def copy_remote_code(output_dir, model=None, processor=None) -> list[str]:
     """
     sources = {}
     base = unwrap(model) if model is not None else None
-    for obj in (base, getattr(base, "config", None), processor, getattr(processor, "image_processor", None)):
-        if obj is None:
-            continue
+    objects = (getattr(base, "config", None), processor, getattr(processor, "image_processor", None))
+    classes = ([model_class(base)] if base is not None else []) + [type(obj) for obj in objects if obj is not None]
+    for cls in classes:
         try:
-            path = Path(inspect.getfile(type(obj)))
+            path = Path(inspect.getfile(cls))
         except TypeError:
             continue
         sources.setdefault(path.name, path)

@@ -109,8 +109,9 @@ def warn_if_sharding_was_dropped(trainer) -> None:
                                       ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled)):
         if os.environ.get(variable, "false").lower() == "true" and not enabled:
             logger.warning("the accelerate config asks for %s, but accelerate runs it only on GPU-type devices; "
-                           "this run uses %s instead (every process holds the whole model)",
-                           engine, trainer.accelerator.distributed_type)
+                           "this run uses %s instead (every process holds the whole model)%s",
+                           engine, trainer.accelerator.distributed_type,
+                           "; --fsdp_size N shards with transformers' FSDP2 on CPU ranks too" if engine == "FSDP" else "")
 
 
 def main(argv=None, sample_cache=None):

@@ -59,6 +59,11 @@ class Videollama3SFTConfig(SFTConfig):
         lora_r, lora_alpha, lora_dropout: LoRA hyper-parameters (official: 64, 16, 0.05).
         lora_vision: also put LoRA on the vision encoder's attention and MLP linears (off by default).
         load_in_4bit: QLoRA; needs CUDA and bitsandbytes.
+        fsdp_size: shard the model over this many processes with FSDP2 when it loads
+            (transformers' `DistributedConfig(fsdp_size=N)`: one unit per vision-encoder and decoder
+            layer); the launch must start exactly that many. Runs over gloo on CPU ranks (with
+            `use_cpu`) as well as on GPUs, unlike accelerate's FSDP plugin (GPU-type devices only).
+            Full weights only, and checkpoints without optimizer state (`save_only_model`).
     """
 
     stage: int | None = field(default=None, metadata={"help": "Stage number 1-4 of the official recipe."})
@@ -92,6 +97,9 @@ class Videollama3SFTConfig(SFTConfig):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_vision: bool = field(default=False, metadata={"help": "Also adapt the vision encoder with LoRA."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA (CUDA only)."})
+    fsdp_size: int | None = field(
+        default=None, metadata={"help": "Shard the model over this many processes at load time (FSDP2)."}
+    )
 
     # TRL defaults overridden: the official recipe's values, and CPU-friendly automatic choices.
     max_length: int | None = field(default=16384, metadata={"help": "Longest sample in tokens (never truncated)."})
@@ -156,6 +164,28 @@ class Videollama3SFTConfig(SFTConfig):
         # Rows are raw official/messages records that the collator encodes; TRL must not tokenize them.
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
         super().__post_init__()
+        if self.fsdp_size is not None:
+            self.check_fsdp_size()
+
+    def check_fsdp_size(self) -> None:
+        """Refuse what transformers' load-time FSDP2 cannot do, before any process loads weights."""
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if self.fsdp_size < 2 or self.fsdp_size != world_size:
+            raise ValueError(f"fsdp_size={self.fsdp_size} must be at least 2 and equal the number of processes the "
+                             f"launch started (WORLD_SIZE={world_size}), e.g. `python -m torch.distributed.run "
+                             f"--nproc_per_node {max(self.fsdp_size, 2)} -m trainer ... --fsdp_size {max(self.fsdp_size, 2)}`")
+        if self.lora:
+            raise ValueError("fsdp_size shards full-weight training; LoRA under load-time FSDP2 is not supported: "
+                             "drop --lora or --fsdp_size")
+        if self.fsdp:
+            raise ValueError("fsdp_size (transformers' FSDP2 at load time) and --fsdp (accelerate's FSDP plugin) both "
+                             "shard the model: choose one")
+        if self.save_strategy != "no" and not self.save_only_model:
+            raise ValueError("fsdp_size: transformers does not save the optimizer state of a model sharded at load "
+                             "time, so checkpoints cannot resume: add --save_only_model (or --save_strategy no)")
+        if self.world_size != self.fsdp_size:
+            raise ValueError(f"fsdp_size={self.fsdp_size}: the launch started {self.fsdp_size} processes, but they "
+                             f"train as {self.world_size}; CPU ranks form one gloo job only with --use_cpu")
 
     def module_learning_rate(self, module: str) -> float:
         """Peak learning rate of `module` (one of `MODULES`)."""

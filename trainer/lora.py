@@ -7,7 +7,7 @@ self_attn.q_proj`) is not; a plain list `["q_proj", ...]` would match both by su
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, DistributedConfig
 
 from .checkpoint import copy_remote_code, register_auto_classes
 
@@ -81,6 +81,8 @@ def load_model(path: str, args=None, **kwargs):
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.activation_checkpointing))
     # Full-weight training keeps fp32 master weights; `bf16=True` then means mixed precision (autocast).
     kwargs.setdefault("dtype", torch.float32)
+    if args is not None and args.fsdp_size is not None:
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=args.fsdp_size)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 

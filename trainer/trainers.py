@@ -14,6 +14,7 @@ import logging
 import os
 
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoProcessor, TrainerCallback
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from trl import SFTTrainer
@@ -66,6 +67,13 @@ def set_trainable_modules(model: nn.Module, trainable_modules) -> None:
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable parameter count per module (adapters count under the module they adapt)."""
     return {name: sum(p.numel() for p in params if p.requires_grad) for name, params in module_parameters(model).items()}
+
+
+def held_parameters(model: nn.Module) -> tuple[int, int]:
+    """Parameter values this process stores, and the model's total (they differ once FSDP2 or TP shard it)."""
+    params = list(model.parameters())
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+    return local, sum(p.numel() for p in params)
 
 
 class ModuleLearningRates(TrainerCallback):
@@ -139,6 +147,10 @@ class Videollama3Trainer(SFTTrainer):
         self.add_callback(self.module_learning_rates)
         logger.info("trainable parameters per module%s: %s", " (LoRA adapters and modules_to_save)" if args.lora else "",
                     trainable_parameters(self.model))
+        if getattr(self.model, "is_distributed_loading_by_transformers", False):
+            local, total = held_parameters(self.model)
+            logger.info("sharded at load time over %d processes: this process holds %d of %d parameter values",
+                        args.world_size, local, total)
         if self.stage is not None:
             logger.info("stage %d: %s", self.stage, STAGE_NAMES[self.stage])
 
