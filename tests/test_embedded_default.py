@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from tools.local import REPO_ROOT
+from trainer.checkpoint import REMOTE_CODE_FILES
 
 
 def load_demo():
@@ -42,3 +43,9 @@ def test_embedded_default_answers_the_bundled_examples(model_and_processor, kind
     model, processor = model_and_processor
     text, kept, pruned = DEMO.answer(model, processor, kind, media, question, 32)
     assert DEMO.is_correct(question_kind, text, expected), text
+
+
+@pytest.mark.parametrize("name", REMOTE_CODE_FILES)
+def test_embedded_default_carries_the_repository_remote_code(name):
+    """Loading `tiny_model/` runs the code in its folder, so it must be the repository's."""
+    assert (REPO_ROOT / "tiny_model" / name).read_bytes() == (REPO_ROOT / name).read_bytes()

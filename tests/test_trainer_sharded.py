@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from tests.test_trainer import REPLIES, media_root, save_base, tiny_model, write_jsonl  # noqa: F401
 from tests.tiny_processor import tiny_processor
-from tools.local import REPO_ROOT
+from tools.local import REPO_ROOT, remote_module
+from tools.tiny import tiny_config, tiny_tokenizer
 from trainer import Videollama3SFTConfig
 from trainer.cli import main
 
@@ -176,3 +177,12 @@ def test_fsdp_size_refuses_what_load_time_fsdp2_cannot_do(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"the launch started 2 processes, but they train as 1; CPU ranks form one "
                                          r"gloo job only with --use_cpu"):
         Videollama3SFTConfig(output_dir=out, fsdp_size=2, save_only_model=True)
+
+
+def test_fsdp_plan_has_one_unit_per_vision_encoder_and_decoder_layer():
+    """Every rule of the plan `DistributedConfig(fsdp_size=N)` applies names modules of the model
+    (transformers skips, with a warning, rules that match nothing)."""
+    model = remote_module("modeling_videollama3").Videollama3Qwen2ForCausalLM(tiny_config(tiny_tokenizer()))
+    modules = {re.sub(r"\.\d+$", ".*", name) for name, _ in model.named_modules()}
+    assert set(model.fsdp_plan) <= modules
+    assert model.fsdp_plan["model.vision_encoder.encoder.layers.*"] == model.fsdp_plan["model.layers.*"] == "free_full_weight"

@@ -39,6 +39,9 @@ class Videollama3VisionEncoderConfig(PreTrainedConfig):
         "encoder.layers.*.mlp.fc1": "colwise",
         "encoder.layers.*.mlp.fc2": "rowwise",
     }
+    # FSDP2 (`DistributedConfig(fsdp_size=N)`): one unit per encoder layer, gathered for its forward and freed
+    # after; the patch embedding and post-layernorm are small and go with the root unit.
+    base_model_fsdp_plan = {"encoder.layers.*": "free_full_weight"}
 
     hidden_size: int = 1152
     intermediate_size: int = 4304
