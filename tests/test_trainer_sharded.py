@@ -20,7 +20,7 @@ from tests.test_trainer import REPLIES, media_root, save_base, tiny_model, write
 from tests.tiny_processor import tiny_processor
 from tools.local import REPO_ROOT, remote_module
 from tools.tiny import tiny_config, tiny_tokenizer
-from trainer import Videollama3SFTConfig
+from trainer import Videollama3SFTConfig, Videollama3Trainer
 from trainer.cli import main
 
 FSDP_ON_CPU = (
@@ -186,3 +186,13 @@ def test_fsdp_plan_has_one_unit_per_vision_encoder_and_decoder_layer():
     modules = {re.sub(r"\.\d+$", ".*", name) for name, _ in model.named_modules()}
     assert set(model.fsdp_plan) <= modules
     assert model.fsdp_plan["model.vision_encoder.encoder.layers.*"] == model.fsdp_plan["model.layers.*"] == "free_full_weight"
+
+
+def test_fsdp_size_with_a_model_loaded_unsharded_is_refused(tmp_path, monkeypatch):
+    """fsdp_size acts when the trainer loads the model; a model object loaded without it would train unsharded."""
+    monkeypatch.setattr(Videollama3SFTConfig, "check_fsdp_size", lambda self: None)  # a 2-process launch's config
+    args = Videollama3SFTConfig(output_dir=str(tmp_path / "out"), fsdp_size=2, save_strategy="no", report_to="none")
+    processor = tiny_processor()
+    with pytest.raises(ValueError, match=r"fsdp_size=2 shards the model as it loads: pass its path as model=, or "
+                                         r"load it with distributed_config=DistributedConfig\(fsdp_size=2\)"):
+        Videollama3Trainer(model=tiny_model(processor), args=args, processing_class=processor)

@@ -635,7 +635,7 @@ class Videollama3Qwen2ForCausalLM(Videollama3PreTrainedModel, GenerationMixin):
     _auto_class = "AutoModelForCausalLM"
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}  # as Qwen2ForCausalLM: each rank a vocabulary slice, gathered
-    _fsdp_plan = {"lm_head": "keep_full_weight"}  # as Qwen2ForCausalLM: needed again at once by the backward
+    _fsdp_plan = {"lm_head": "keep_full_weight"}  # as Qwen2ForCausalLM: the last forward, the first the backward needs
 
     def __init__(self, config: Videollama3Qwen2Config):
         super().__init__(config)

@@ -122,6 +122,9 @@ class Videollama3Trainer(SFTTrainer):
             # SFTTrainer sees the loaded model: its model_init_kwargs are applied already.
             args = copy.copy(args)
             args.model_init_kwargs = None
+        elif args.fsdp_size is not None and not getattr(model, "is_distributed_loading_by_transformers", False):
+            raise ValueError(f"fsdp_size={args.fsdp_size} shards the model as it loads: pass its path as model=, or "
+                             f"load it with distributed_config=DistributedConfig(fsdp_size={args.fsdp_size})")
         self.base_model_name = model.name_or_path
         if args.multimodal_packing:
             use_packed_attention(model)
