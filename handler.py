@@ -24,16 +24,19 @@ def _media_bytes(item) -> dict:
     payload = item.get("base64", item.get(kind))
     if isinstance(payload, str) and ("base64" in item or payload.startswith("data:")):
         try:
-            return {"type": kind, kind: base64.b64decode(payload.split(",", 1)[-1], validate=True)}
+            decoded = base64.b64decode(payload.split(",", 1)[-1], validate=True)
         except (binascii.Error, ValueError):
             raise ValueError(f"the {kind} item's base64 payload does not decode") from None
+        return {**{k: v for k, v in item.items() if k != "base64"}, kind: decoded}  # keeps fps, start_time, ...
     return item
 
 
 class EndpointHandler:
     def __init__(self, path: str = ""):
         self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto").eval()
+        # device_map: the endpoint's GPU(s) when it has them, else the CPU.
+        self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto",
+                                                          device_map="auto").eval()
 
     def __call__(self, data: dict):
         try:
