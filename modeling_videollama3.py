@@ -203,8 +203,9 @@ def mlp_in_chunks(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Upper bound on one eager/sdpa vision attention call's score tensor (F*nh*L*L fp32 values), so memory
-# stays flat however many frames a video has: longer videos take more calls, not bigger ones.
+# Upper bound on one eager/sdpa vision attention call's score tensor (F*nh*L*L fp32 values, nh all the
+# config's heads, so a tensor-parallel rank's calls stay under it), so memory stays flat however many frames
+# a video has: longer videos take more calls, not bigger ones.
 ATTENTION_CHUNK_SCORES = 1 << 26
 
 
@@ -418,18 +419,21 @@ class Videollama3VisionEncoderModel(PreTrainedModel):
         self.merger = Videollama3VisionMerger()
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, grid_sizes: torch.Tensor, merge_sizes: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, grid_sizes: torch.Tensor, merge_sizes: torch.Tensor,
+                compression_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             pixel_values: `(N, C*p*p)` patches, items in order, frames in order, patches of each frame
                 in merge-block order.
             grid_sizes: `(k, 3)` rows `[t, h, w]` in patches before merging, one per item.
             merge_sizes: `(k,)` spatial downsampling factor `m` of each item.
+            compression_mask: `(M,)` the merged tokens a caller keeps; only checked here, with the
+                other inputs, so that one check covers a call from the LLM.
 
         Returns:
             `(M, D_v)` merged tokens: each item bilinearly downsampled by its `m`, row-major per frame.
         """
-        grids, merges = check_visual_inputs(pixel_values, grid_sizes, merge_sizes, patch_dim=self.patch_dim)
+        grids, merges = check_visual_inputs(pixel_values, grid_sizes, merge_sizes, compression_mask, self.patch_dim)
         device = pixel_values.device
         cos, signed_sin = self.rotary(grids, merges, device)  # 2 x (N, 1, hd)
         hidden_states = self.embeddings(pixel_values)  # (N, D_v)
@@ -491,8 +495,9 @@ def packed_boundaries(position_ids: torch.Tensor) -> dict:
 class Videollama3Qwen2Model(Qwen2Model):
     """Qwen2 decoder whose `<image>` placeholder embeddings are replaced by projected vision tokens.
 
-    Its tensor-parallel plan is Qwen2's plus the projector's (the config's `base_model_tp_plan`) and
-    the vision encoder's (its own config's), which transformers collects from the child model.
+    Its tensor-parallel and FSDP2 plans are Qwen2's (the config's `base_model_*_plan`) plus the vision
+    encoder's (its own config's), which transformers collects from the child model; tensor
+    parallelism leaves the projector whole.
     """
 
     config_class = Videollama3Qwen2Config
@@ -508,8 +513,8 @@ class Videollama3Qwen2Model(Qwen2Model):
 
     def get_visual_features(self, pixel_values, grid_sizes, merge_sizes, compression_mask=None) -> torch.Tensor:
         """Project all items' merged tokens and keep those the processor kept: `(K, D_t)`."""
-        check_visual_inputs(pixel_values, grid_sizes, merge_sizes, compression_mask, self.vision_encoder.patch_dim)
-        features = self.mm_projector(self.vision_encoder(pixel_values, grid_sizes, merge_sizes))  # (M, D_t)
+        merged = self.vision_encoder(pixel_values, grid_sizes, merge_sizes, compression_mask)  # (M, D_v)
+        features = self.mm_projector(merged)  # (M, D_t)
         if compression_mask is not None:
             features = features[compression_mask.bool()]  # (K, D_t)
         return features
@@ -535,7 +540,7 @@ class Videollama3Qwen2Model(Qwen2Model):
             # Sharded data-parallel training (ZeRO-3, FSDP) hangs if one rank skips the vision tower
             # while others run it; a one-patch dummy pass, multiplied by zero, keeps ranks in step.
             weight = self.vision_encoder.embeddings.patch_embedding.weight
-            dummy = torch.zeros(1, weight[0].numel(), dtype=weight.dtype, device=weight.device)  # (1, C*p*p)
+            dummy = weight.new_zeros(1, self.vision_encoder.patch_dim)  # (1, C*p*p)
             grid = torch.ones(1, 3, dtype=torch.long, device=dummy.device)
             merge = torch.ones(1, dtype=torch.long, device=dummy.device)
             inputs_embeds = inputs_embeds + 0.0 * self.get_visual_features(dummy, grid, merge).sum()

@@ -11,9 +11,8 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tools.local import REPO_ROOT
 
 OUT_DIR = REPO_ROOT / "bench" / "out"  # git-ignored: cached clips, raw logs
 

@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from recipes.tiny import train_default
+from trainer.checkpoint import REMOTE_CODE_FILES
 
 HUB_FILES = {
     "config.json", "model.safetensors", "generation_config.json", "chat_template.jinja", "tokenizer.json",
-    "tokenizer_config.json", "processor_config.json", "README.md", *train_default.REMOTE_CODE_FILES,
+    "tokenizer_config.json", "processor_config.json", "README.md", *REMOTE_CODE_FILES,
 }
 
 

@@ -1,6 +1,6 @@
 """Import this checkout's remote-code files as a package, the way the Hub loader sees them.
 
-The four `*_videollama3.py` files use single-dot relative imports (the only form the Hub's
+The `*_videollama3.py` files use single-dot relative imports (the only form the Hub's
 dynamic-module loader follows), so they cannot be imported as top-level modules. Tests, benchmarks
 and tools import them through a synthetic package whose path is the repository root.
 """

@@ -9,10 +9,15 @@ from tools.local import remote_module
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|stream_start|>", "<|stream_end|>"]
 
 
+def byte_tokenizer():
+    """Qwen2 tokenizer of the 256 bare bytes, no merges: Qwen2's pre-tokenizer and class, before any specials."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
 def tiny_tokenizer():
     """Byte-level Qwen2 tokenizer with 256 byte tokens, no merges, and the VideoLLaMA3 specials."""
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = byte_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     return tok
 

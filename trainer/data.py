@@ -250,9 +250,7 @@ def _official_messages(record: dict, index) -> list[dict]:
         for position, piece in enumerate(pieces):
             if piece in ("<image>", "<video>"):
                 kind = piece[1:-1]
-                if not pending[kind]:
-                    raise SampleError(index, f"has more {piece} tags than {kind} entries")
-                content.append({"type": kind, kind: pending[kind].pop(0)})
+                content.append({"type": kind, kind: pending[kind].pop(0)})  # counted above: never runs out
                 continue
             # The template writes the newline after a visual block itself.
             if position > 0:

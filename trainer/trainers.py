@@ -150,7 +150,7 @@ class Videollama3Trainer(SFTTrainer):
         self.add_callback(self.module_learning_rates)
         logger.info("trainable parameters per module%s: %s", " (LoRA adapters and modules_to_save)" if args.lora else "",
                     trainable_parameters(self.model))
-        if getattr(self.model, "is_distributed_loading_by_transformers", False):
+        if self.is_distributed_loading_by_transformers:
             local, total = held_parameters(self.model)
             logger.info("sharded at load time over %d processes: this process holds %d of %d parameter values",
                         args.world_size, local, total)
@@ -217,7 +217,7 @@ class Videollama3Trainer(SFTTrainer):
             handle.write(card)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save model (or adapter), processor, the four remote-code files and the model card, so the
+        """Save model (or adapter), processor, the remote-code files and the model card, so the
         folder loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`."""
         output_dir = output_dir or self.args.output_dir
         register_auto_classes(self.model, self.processing_class)

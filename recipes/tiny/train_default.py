@@ -32,7 +32,7 @@ Steps, mirroring how the real model was made at a scale a laptop can run:
    2x2-merged tokens video frames are served as are aligned too. Stages 3 and 4 also train on
    the clips of appearances (temporal grounding).
 6. The stage-4 checkpoint is copied to `--out` in the Hub layout (config with `auto_map`,
-   `model.safetensors`, processor, tokenizer, chat template, the four remote-code files); its
+   `model.safetensors`, processor, tokenizer, chat template, the five remote-code files); its
    processor serves images at the official merge size (1).
 
 The differences to the official recipe, all forced by scale: stand-ins for the pretrained SigLIP
@@ -52,13 +52,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import pre_tokenizers
 
 from recipes.tiny import curriculum, scene_pretrain, vision_pretrain
-from trainer.checkpoint import REMOTE_CODE_FILES
+from trainer.checkpoint import copy_remote_code
 from tools.local import REPO_ROOT, remote_module
+from tools.tiny import SPECIAL_TOKENS, byte_tokenizer, tiny_config
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|stream_start|>", "<|stream_end|>"]
 VOCAB_SIZE = 512
 SEED = 0
 
@@ -99,7 +98,7 @@ FULL = {
     # The official ordering of rates: the (stand-in) pretrained encoder moves slowest.
     1: dict(data={"caption": 1}, steps=60, batch=16, lr=dict(vision=1e-4, projector=1e-3)),
     2: dict(data={"caption": 1, "image": 2}, steps=380, batch=16, lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
-    # Stage 3 teaches the spans; 160 steps (320 before) to fit the time, at a cost to video answers.
+    # Stage 3 teaches the spans; 160 steps fit the time, at a cost to video answers.
     3: dict(data={"image": 1, "video": 1, "video_appear": 1, "text": 1}, steps=160, batch=16,
             lr=dict(vision=2e-4, projector=1e-3, llm=1e-3)),
     # Seed 3 (the order rows are drawn in): chosen among 0-3 by the bundled demo (6 / 6, others 5 / 6).
@@ -129,11 +128,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     Starting from a Qwen2 tokenizer of bare bytes keeps Qwen2's pre-tokenizer (digits split one by
     one, the same regex) and its class, so `AutoTokenizer` loads it like the real one.
     """
-    from transformers import Qwen2Tokenizer
-
-    alphabet = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    base = Qwen2Tokenizer(vocab=alphabet, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer = base.train_new_from_iterator(texts, vocab_size=vocab_size, new_special_tokens=SPECIAL_TOKENS)
+    tokenizer = byte_tokenizer().train_new_from_iterator(texts, vocab_size=vocab_size, new_special_tokens=SPECIAL_TOKENS)
     tokenizer.padding_side = "left"  # batched generation
     return tokenizer
 
@@ -147,10 +142,11 @@ def build_processor(tokenizer):
 def build_model(tokenizer, seed: int = SEED, shape: dict | None = None):
     """A randomly initialised tiny model of `shape` (default `MODEL`) for `tokenizer`."""
     shape = MODEL if shape is None else shape
-    configuration = remote_module("configuration_videollama3")
     modeling = remote_module("modeling_videollama3")
-    config = configuration.Videollama3Qwen2Config(
-        vocab_size=len(tokenizer),
+    config = tiny_config(
+        tokenizer,
+        # Untied: tied, text pretraining pulls the colour words' (and shape words') embeddings together.
+        tie_word_embeddings=False,
         hidden_size=shape["hidden_size"],
         intermediate_size=shape["intermediate_size"],
         num_hidden_layers=shape["num_hidden_layers"],
@@ -158,12 +154,6 @@ def build_model(tokenizer, seed: int = SEED, shape: dict | None = None):
         num_key_value_heads=shape["num_key_value_heads"],
         max_position_embeddings=2048,
         rope_theta=10000.0,
-        # Untied: tied, text pretraining pulls the colour words' (and shape words') embeddings together.
-        tie_word_embeddings=False,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
         vision_encoder_config=dict(
             hidden_size=shape["vision_hidden_size"],
             intermediate_size=shape["vision_intermediate_size"],
@@ -178,11 +168,6 @@ def build_model(tokenizer, seed: int = SEED, shape: dict | None = None):
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.do_sample = False
     return model
-
-
-def copy_remote_code(folder: Path) -> None:
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(REPO_ROOT / name, folder / name)
 
 
 def write_mix(data_dir: Path, name: str, parts: dict[str, int], seed: int) -> Path:

@@ -21,7 +21,6 @@ import torch
 
 from recipes.tiny import curriculum, scene_pretrain
 from tools.local import REPO_ROOT
-from recipes.tiny.scene_pretrain import SceneConfig
 
 
 def build_llm(tokenizer, heads: int, init: str | None, layers: int | None = None, width: int | None = None):
@@ -42,7 +41,7 @@ def build_llm(tokenizer, heads: int, init: str | None, layers: int | None = None
     return train_default.build_model(tokenizer, seed=torch.initial_seed(), shape=shape)
 
 
-def run(study: SceneConfig, tokenizer, heads: int = 4, init: str | None = None,
+def run(study: scene_pretrain.SceneConfig, tokenizer, heads: int = 4, init: str | None = None,
         layers: int | None = None, width: int | None = None) -> list[tuple[int, dict[str, float]]]:
     """Train the LLM on symbolic scenes; returns `[(step, held-out accuracies)]` every `study.every` steps."""
     torch.manual_seed(study.seed)
@@ -78,9 +77,10 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=True)
-    study = SceneConfig(objects=args.objects, kinds=tuple(args.kinds.split(",")), turns=args.turns, steps=args.steps,
-                  batch=args.batch, lr=args.lr, beta2=args.beta2, seed=args.seed, every=args.every,
-                  warmup_steps=args.warmup_steps, answers=args.answers, videos=args.videos)
+    study = scene_pretrain.SceneConfig(
+        objects=args.objects, kinds=tuple(args.kinds.split(",")), turns=args.turns, steps=args.steps,
+        batch=args.batch, lr=args.lr, beta2=args.beta2, seed=args.seed, every=args.every,
+        warmup_steps=args.warmup_steps, answers=args.answers, videos=args.videos)
     curve = run(study, tokenizer, heads=args.heads, init=args.init, layers=args.layers, width=args.width)
     if args.out:
         with open(args.out, "w") as handle:
