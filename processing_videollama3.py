@@ -15,7 +15,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .image_processing_videollama3 import Videollama3ImageProcessor, concat
+from .image_processing_videollama3 import Videollama3ImageProcessor, check_int, concat, load_image
 from .video_processing_videollama3 import Videollama3VideoProcessor, as_video_list, check_sampling
 
 SYSTEM_PROMPT = ("You are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help people "
@@ -117,8 +117,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
         settings = {**options["images_kwargs"], **options["videos_kwargs"]}
         check_sampling(settings["fps"], settings["max_frames"], name="settings")
         for key, low in (("image_merge_size", 1), ("video_merge_size", 1), ("compression_min_tokens", 0)):
-            if isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {settings[key]!r}")
+            check_int(key, settings[key], low)
         return options
 
     def _load(self, kind: str, payload, item: dict, options: dict, where: str) -> tuple:
@@ -131,7 +130,7 @@ class Videollama3Qwen2Processor(ProcessorMixin):
             raise ValueError(f"{where}: the {kind} item has no {kind} (give '{kind}', 'path' or 'url')")
         try:
             if kind == "image":
-                return kind, self.image_processor.fetch_images(payload)
+                return kind, load_image(payload)
             settings = {k: item.get(k, options["videos_kwargs"].get(k)) for k in VIDEO_ITEM_KEYS}
             return kind, self.video_processor.fetch_videos(payload, **settings)
         except (ValueError, TypeError) as error:

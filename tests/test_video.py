@@ -169,6 +169,13 @@ def test_in_memory_frames_take_given_or_default_times():
     assert VP.load_video(torch.zeros(3, 3, 28, 28, dtype=torch.uint8)).shape == (3, 28, 28)
 
 
+def test_frames_of_different_sizes_name_the_problem(processor):
+    frames = [np.zeros((28, 28, 3), np.uint8), np.zeros((56, 28, 3), np.uint8)]
+    for videos in (frames, [frames]):  # one video as its frames, or a list of such videos
+        with pytest.raises(ValueError, match="frames differ in size"):
+            processor.video_processor(videos)
+
+
 def test_two_videos_of_different_lengths_in_one_conversation(tmp_path, processor):
     short = media.write_video(tmp_path / "three.mp4", seconds=3)
     long = media.write_video(tmp_path / "five.webm", seconds=5)

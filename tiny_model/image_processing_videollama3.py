@@ -43,6 +43,12 @@ def describe(source) -> str:
     return f"<file object {getattr(source, 'name', '')}>" if hasattr(source, "read") else f"<{type(source).__name__}>"
 
 
+def check_int(key: str, value, low: int) -> None:
+    """A ValueError naming `key` unless `value` is an integer (not a bool) >= `low`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
 def local_path(source, kind: str) -> str:
     """An existing file path (a `file://` prefix removed), or a clear error."""
     path = str(source).removeprefix("file://")
@@ -207,8 +213,7 @@ class PixelProcessing:
         super().__init__(**kwargs)
         for key, value, low in (("patch_size", patch_size, 1), ("min_tokens", min_tokens, 1),
                                 ("max_tokens", max_tokens, min_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+            check_int(key, value, low)
         self.patch_size, self.min_tokens, self.max_tokens, self.resample = patch_size, min_tokens, max_tokens, int(resample)
         self.do_resize, self.do_rescale, self.rescale_factor = do_resize, do_rescale, rescale_factor
         self.do_normalize, self.image_mean, self.image_std = do_normalize, list(image_mean), list(image_std)
@@ -225,9 +230,8 @@ class PixelProcessing:
     def target_sizes(self, shapes, merge_sizes, min_tokens=None, max_tokens=None) -> list[tuple[int, int]]:
         """Resized `(Hp', Wp')` of each item `(T, Hp, Wp)` of one call (see `smart_sizes`)."""
         min_tokens, max_tokens = self.settings(min_tokens=min_tokens, max_tokens=max_tokens)
-        for key, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        check_int("min_tokens", min_tokens, 1)
+        check_int("max_tokens", max_tokens, 1)
         if self.do_resize:
             return smart_sizes(shapes, merge_sizes, self.patch_size, min_tokens, max_tokens)
         for index, ((_, h, w), m) in enumerate(zip(shapes, merge_sizes)):
@@ -289,12 +293,6 @@ class Videollama3ImageProcessor(PixelProcessing, ImageProcessingMixin):
     _auto_class = "AutoImageProcessor"
     valid_kwargs = Videollama3ImageProcessorKwargs
     model_input_names = ["pixel_values", "grid_sizes", "merge_sizes", "compression_mask"]
-
-    def fetch_images(self, image_url_or_urls):
-        """Images (any form `load_image` takes, or a list of them) as `(Hp, Wp, 3)` uint8 arrays."""
-        if isinstance(image_url_or_urls, (list, tuple)):
-            return [self.fetch_images(item) for item in image_url_or_urls]
-        return load_image(image_url_or_urls)
 
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)

@@ -13,12 +13,12 @@ import av
 import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
+from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.video_processing_utils import VideoProcessorMixin
-from transformers.video_utils import VideoMetadata
 
-from .image_processing_videollama3 import (URL_TIMEOUT, PixelProcessing, Videollama3ImageProcessorKwargs, describe,
-                                          load_image, local_path, num_merged_tokens, resize_frames)
+from .image_processing_videollama3 import (BICUBIC, URL_TIMEOUT, PixelProcessing, Videollama3ImageProcessorKwargs,
+                                          describe, load_image, local_path, num_merged_tokens, resize_frames)
 
 # Below this many pixels a picture decodes faster on one thread (starting the decoder's threads
 # costs more than they save); larger pictures take PyAV's frame + slice threads. Same pixels either way.
@@ -33,7 +33,6 @@ class SampledVideo:
     timestamps: list
     shape: tuple
     frames_at: Callable[[int, int], np.ndarray]
-    metadata: VideoMetadata
 
     @property
     def frames(self) -> np.ndarray:
@@ -124,14 +123,14 @@ def _video_stream(container, name):
     return stream
 
 
-def _decode(source, name, pts: list, seek: bool, rotation: int, height=None, width=None):
+def _decode(source, name, pts: list, seek: bool, rotation: int, height: int, width: int) -> np.ndarray:
     """The frames presented at `pts` as displayed, scaled by swscale to `(height, width)` (area when
-    shrinking, bicubic when enlarging), `(T, Hp', Wp', 3)`; with `height` None, the first frame itself."""
+    shrinking, bicubic when enlarging), `(T, Hp', Wp', 3)`."""
     wanted, out, filled, next_pick = set(pts), None, 0, 0
     reformatter = VideoReformatter()  # one swscale context for the clip, not one per frame
     with _open(source, name) as container:
         stream = _video_stream(container, name)
-        disposable = _nonreference_test(stream) if height else None
+        disposable = _nonreference_test(stream)
         if seek:
             container.seek(int(pts[0]), stream=stream, backward=True)
         try:
@@ -140,8 +139,6 @@ def _decode(source, name, pts: list, seek: bool, rotation: int, height=None, wid
                 if disposable and packet.size and packet.pts not in wanted and disposable(packet):
                     continue
                 for frame in packet.decode():
-                    if height is None:
-                        return frame
                     if frame.pts is None or frame.pts < pts[next_pick]:
                         continue  # decoded only as a reference for later frames
                     if out is None:
@@ -159,28 +156,29 @@ def _decode(source, name, pts: list, seek: bool, rotation: int, height=None, wid
                         return out
         except av.error.FFmpegError as error:
             raise ValueError(f"video {name} is corrupt or truncated ({filled} frames decoded, then: {error})") from None
-    if height is None:
-        raise ValueError(f"video {name} has no decodable video frames")
     raise ValueError(f"video {name}: {len(pts)} frames were listed by the container but only {filled} could be "
                      "decoded (corrupt or truncated file)")
 
 
 def probe_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None) -> SampledVideo:
-    """Demux a video file without decoding, choose the frames shown at `fps` (at most `max_frames`,
-    spread by linspace, each keeping its true time) and decode one frame for size and rotation."""
-    name, text = describe(source), str(source)
-    if isinstance(source, (str, os.PathLike)) and ("://" not in text or text.startswith("file://")):
+    """Demux a video file, decoding only its first frame for size and rotation, and choose the frames shown at
+    `fps` (at most `max_frames`, spread by linspace, each keeping its true time)."""
+    name = describe(source)
+    if isinstance(source, (str, os.PathLike)) and ("://" not in str(source) or str(source).startswith("file://")):
         source = local_path(source, "video")  # URLs go to FFmpeg as they are
     source = bytes(source) if isinstance(source, (bytearray, memoryview)) else source
     with _open(source, name) as container:
         stream = _video_stream(container, name)
-        time_base, pts = float(stream.time_base), []
+        time_base, pts, first = float(stream.time_base), [], None
         try:
-            pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.size > 0:
+                    pts.append(packet.pts)
+                if first is None:  # a threaded decoder may hold its first frame back a few packets
+                    first = next(iter(packet.decode()), None)
         except av.error.FFmpegError as error:
-            raise ValueError(f"video {name} is corrupt or truncated (demuxing failed: {error})") from None
+            raise ValueError(f"video {name} is corrupt or truncated (demuxing or decoding failed: {error})") from None
         origin = stream.start_time if stream.start_time is not None else (min(pts) if pts else 0)
-        average_rate = float(stream.average_rate or 0) or None
     pts = sorted(p for p in pts if p >= origin)  # frames before the stream start are not shown
     if not pts:
         raise ValueError(f"video {name} contains no video frames (zero-frame file)")
@@ -189,22 +187,21 @@ def probe_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None)
     if start > times[-1]:
         raise ValueError(f"video {name}: start_time {start} s is past the last frame at {times[-1]:.3f} s")
     candidates = sample_grid(times, fps, start, end_time)
-    indices = [candidates[i] for i in linspace_picks(len(candidates), max_frames)]
-    chosen, seek = [pts[i] for i in indices], start > 0
-    first = _decode(source, name, chosen, seek, 0)
+    chosen, seek = [pts[candidates[i]] for i in linspace_picks(len(candidates), max_frames)], start > 0
+    if first is None:
+        raise ValueError(f"video {name} has no decodable video frames")
     rotation = round((first.rotation or 0) / 90) % 4
     height, width = (first.width, first.height) if rotation % 2 else (first.height, first.width)
-    metadata = VideoMetadata(total_num_frames=len(pts), fps=average_rate, width=width, height=height,
-                             duration=times[-1], video_backend="pyav", frames_indices=indices)
     return SampledVideo([round((p - origin) * time_base, 6) for p in chosen], (len(chosen), height, width),
-                        lambda h, w: _decode(source, name, chosen, seek, rotation, h, w), metadata)
+                        lambda h, w: _decode(source, name, chosen, seek, rotation, h, w))
 
 
-def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, timestamps=None) -> SampledVideo:
+def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, timestamps=None,
+               resample=BICUBIC) -> SampledVideo:
     """A video sampled at `fps` with PyAV (a path or URL, bytes, a file object), or frames already in memory (a
     `(T, Hp, Wp, C)` or `(T, C, Hp, Wp)` array or tensor, a list of frames) taken as sampled at `fps` unless `timestamps`
-    gives their seconds. Frames are those shown at start, start + 1/fps, ...; over `max_frames`, linspace picks
-    that many. A clip shorter than one sampling interval still gives one frame."""
+    gives their seconds, resized with Pillow's `resample`. Frames are those shown at start, start + 1/fps, ...; over
+    `max_frames`, linspace picks that many. A clip shorter than one sampling interval still gives one frame."""
     name = describe(source)
     check_sampling(fps, max_frames, start_time, end_time, name)
     if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(source, "read"):
@@ -238,26 +235,28 @@ def load_video(source, fps=1.0, max_frames=180, start_time=None, end_time=None, 
         if len({f.shape for f in rgb}) > 1:
             raise ValueError(f"video {name} frames differ in size: {sorted({f.shape for f in rgb})}")
         rgb = np.stack(rgb)  # (T, Hp, Wp, 3)
-    metadata = VideoMetadata(total_num_frames=len(frames), fps=fps, width=rgb.shape[2], height=rgb.shape[1],
-                             video_backend="frames", frames_indices=keep)
-    return SampledVideo([timestamps[i] for i in keep], rgb.shape[:3], lambda h, w: resize_frames(rgb, h, w), metadata)
+    return SampledVideo([timestamps[i] for i in keep], rgb.shape[:3], lambda h, w: resize_frames(rgb, h, w, resample))
+
+
+def _is_frame(value) -> bool:
+    return isinstance(value, Image.Image) or (isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim in (2, 3))
 
 
 def as_video_list(videos) -> list:
     """`videos` as a list of videos; one video may be a path, an array or a list of frames."""
     if not isinstance(videos, (list, tuple)):
         return [] if videos is None else [videos]
-    one = videos and all(np.ndim(v) in (2, 3) and not isinstance(v, str) for v in videos)  # one video as its frames
+    one = videos and all(_is_frame(v) for v in videos)  # one video given as its frames
     return [list(videos)] if one else list(videos)
 
 
 def differential_frame_pruning(patches: torch.Tensor, grid, merge_size: int, threshold: float, min_tokens) -> torch.Tensor:
     """DiffFP keep-mask `(T*H/m*W/m,)` of one video's normalised patches `(T*H*W, C*p*p)` in merge-block order: frame
     0 whole; a later merged token where its mean absolute change from the previous frame (0..255 units) exceeds
-    `threshold`; a frame keeping fewer than `min_tokens` keeps its first ones (in order); `min_tokens` False keeps all."""
+    `threshold`; a frame keeping fewer than `min_tokens` keeps its first ones (in order)."""
     t, gh, gw = (int(v) for v in grid)
     per_frame = num_merged_tokens(1, gh, gw, merge_size)
-    if t == 1 or min_tokens is False:
+    if t == 1:
         return torch.ones(t * per_frame, dtype=torch.bool)
     tokens = patches.view(t, per_frame, -1)  # (T, H/m*W/m, m*m*C*p*p): a merged token's patches are contiguous
     change = torch.sub(tokens[1:], tokens[:-1]).abs_().mean(dim=-1) * 255  # (T-1, H/m*W/m)
@@ -289,7 +288,8 @@ class Videollama3VideoProcessor(PixelProcessing, VideoProcessorMixin):
 
     def fetch_videos(self, video, fps=None, max_frames=None, start_time=None, end_time=None, timestamps=None):
         """One video (any form `load_video` takes) sampled at this processor's `fps` / `max_frames` unless given."""
-        return load_video(video, *self.settings(fps=fps, max_frames=max_frames), start_time, end_time, timestamps)
+        return load_video(video, *self.settings(fps=fps, max_frames=max_frames), start_time, end_time, timestamps,
+                          self.resample)
 
     def preprocess(self, videos, merge_size=2, sizes=None, min_tokens=None, max_tokens=None, use_token_compression=None,
                    compression_threshold=None, compression_min_tokens=None, return_tensors="pt") -> BatchFeature:
@@ -299,8 +299,9 @@ class Videollama3VideoProcessor(PixelProcessing, VideoProcessorMixin):
         prune, threshold, least = self.settings(use_token_compression=use_token_compression,
                                                 compression_threshold=compression_threshold,
                                                 compression_min_tokens=compression_min_tokens)
-        return self.encode(items, [video.shape for video in items], lambda video, h, w: video.frames_at(h, w),
-                           lambda patches, grid, m: differential_frame_pruning(patches, grid, m, threshold, prune and least),
+        keep = ((lambda patches, grid, m: differential_frame_pruning(patches, grid, m, threshold, least)) if prune
+                else lambda patches, grid, m: torch.ones(num_merged_tokens(*grid, m), dtype=torch.bool))
+        return self.encode(items, [video.shape for video in items], lambda video, h, w: video.frames_at(h, w), keep,
                            merge_size, sizes, min_tokens, max_tokens, return_tensors)
 
 
