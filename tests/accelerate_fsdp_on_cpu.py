@@ -8,6 +8,7 @@ gets, so that accelerate's own FSDP2 wrapping, gradient reduction and full-state
 
 import logging
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import TrainerCallback
@@ -50,3 +51,6 @@ if __name__ == "__main__":
     Videollama3Trainer.create_accelerator_and_postprocess = create_accelerator_and_postprocess
     Videollama3Trainer.__init__ = trainer_init
     main()
+    # Gloo's threads still running at interpreter exit can abort a rank ("terminate called without an
+    # active exception") after the run has saved.
+    torch.distributed.destroy_process_group()

@@ -18,7 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-MEDIA = Path(__file__).resolve().parent.parent / "examples" / "media"
+from tests.official_files import OFFICIAL_PREPROCESSOR_CONFIG, OFFICIAL_STYLE_TEMPLATE
+
+ROOT = Path(__file__).resolve().parent.parent
+MEDIA = ROOT / "examples" / "media"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LAYOUTS = ("ours", "official", "snapshot")
 
@@ -26,9 +29,6 @@ LAYOUTS = ("ours", "official", "snapshot")
 def official_layout(folder: Path) -> Path:
     """Rewrite `folder`'s processor files as an official checkpoint has them (preprocessor_config.json,
     flat processor_config.json, chat_template.json without generation markers)."""
-    from tests.test_image_processing import OFFICIAL_PREPROCESSOR_CONFIG
-    from tests.test_processing import OFFICIAL_STYLE_TEMPLATE
-
     processor = json.loads((folder / "processor_config.json").read_text())
     image = dict(OFFICIAL_PREPROCESSOR_CONFIG, **{k: processor["image_processor"][k] for k in ("min_tokens", "max_tokens")})
     (folder / "preprocessor_config.json").write_text(json.dumps(image))
@@ -57,7 +57,16 @@ CONVERSATION = [{"role": "user", "content": [
 ]}]
 
 
+def checkout_modules() -> list[str]:
+    """Modules of this checkout, besides this script's own imports, and of pytest that this process has loaded."""
+    own = {"tests", "tests.official_files"}
+    return sorted(name for name in sys.modules if name not in own and (
+        name.split(".")[0] in ("tests", "tools", "trainer", "examples", "videollama3_local", "pytest", "_pytest")
+        or name.split(".")[0].endswith("_videollama3")))
+
+
 def run(source: str) -> dict:
+    loaded_before = checkout_modules()  # must be none: the Auto classes alone load the checkpoint's code
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoProcessor
@@ -77,7 +86,20 @@ def run(source: str) -> dict:
         "processor_module": type(processor).__module__,
         "transformers": transformers.__version__,
         "torchvision_imported": any(name.split(".")[0] == "torchvision" for name in sys.modules),
+        "loaded_before": loaded_before,
     }
+
+
+def in_fresh_process(folder, layout: str, modules) -> dict:
+    """`run` on `folder` in `layout`, in a fresh process whose module cache `modules` holds nothing yet;
+    returns its outputs, or raises RuntimeError with the end of its stderr."""
+    env = dict(os.environ, HF_MODULES_CACHE=str(modules),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "tests.remote_smoke", str(Path(folder).resolve()), "--layout", layout],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        raise RuntimeError(f"remote-code smoke, layout {layout}: failed\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def all_layouts(folder: str) -> int:
@@ -85,17 +107,17 @@ def all_layouts(folder: str) -> int:
     results = {}
     for layout in LAYOUTS:
         with tempfile.TemporaryDirectory() as modules:
-            env = dict(os.environ, HF_MODULES_CACHE=modules)
-            done = subprocess.run([sys.executable, "-m", "tests.remote_smoke", folder, "--layout", layout], env=env,
-                                  capture_output=True, text=True)
-        if done.returncode:
-            print(f"remote-code smoke, layout {layout}: failed\n{done.stderr[-4000:]}", file=sys.stderr)
-            return 1
-        results[layout] = json.loads(done.stdout.strip().splitlines()[-1])
+            try:
+                results[layout] = in_fresh_process(folder, layout, modules)
+            except RuntimeError as error:
+                print(error, file=sys.stderr)
+                return 1
     keys = ("input_ids", "grid_sizes", "kept_tokens", "pixel_sum", "generated")
     first = results["ours"]
     disagree = [f"{layout} {key}" for layout, out in results.items() for key in keys if out[key] != first[key]]
     disagree += [f"{layout} imported torchvision" for layout, out in results.items() if out["torchvision_imported"]]
+    disagree += [f"{layout} had {out['loaded_before']} loaded before the Auto classes"
+                 for layout, out in results.items() if out["loaded_before"]]
     print(f"remote-code smoke, transformers {first['transformers']}: layouts {', '.join(LAYOUTS)} "
           + (f"disagree: {disagree}" if disagree else f"agree ({len(first['input_ids'])} prompt tokens, "
              f"{first['kept_tokens']} visual tokens kept, generated {first['generated']})"))

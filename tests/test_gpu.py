@@ -13,8 +13,6 @@ import pytest
 import torch
 
 from tools.oracle import image, our_inputs, packed_inputs, video
-from tests.test_trainer import media_root  # noqa: F401
-from tests.test_trainer_cli import base_checkpoint, data_path  # noqa: F401
 from tools.tiny import tiny_config, tiny_tokenizer
 from tools.local import REPO_ROOT, remote_module
 
@@ -164,7 +162,7 @@ def test_flash_matches_sdpa_on_a_packed_training_row_with_gradients(tok):
 
 
 @pytest.mark.parametrize("attn,packing", [("flash_attention_2", True), ("flash_attention_2", False), ("sdpa", True)])
-def test_cli_trains_on_cuda_with_gpu_defaults(tmp_path, base_checkpoint, data_path, media_root, attn, packing):  # noqa: F811
+def test_cli_trains_on_cuda_with_gpu_defaults(tmp_path, base_checkpoint, data_path, media_root, attn, packing):
     """bf16 and activation checkpointing switch on by themselves on CUDA; the chosen attention trains."""
     if attn.startswith("flash"):
         needs_flash()

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from tests import media
+from tests.official_files import OFFICIAL_PREPROCESSOR_CONFIG
 from tests.tiny_processor import frame_token_counts
 from tools.local import remote_module
 
@@ -334,26 +335,6 @@ def test_bad_array_shape_names_the_shape():
 
 
 # ---- config ---------------------------------------------------------------------------------------
-
-OFFICIAL_PREPROCESSOR_CONFIG = {
-    "auto_map": {
-        "AutoImageProcessor": "image_processing_videollama3.Videollama3ImageProcessor",
-        "AutoProcessor": "processing_videollama3.Videollama3Qwen2Processor",
-    },
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_processor_type": "Videollama3ImageProcessor",
-    "image_std": [0.5, 0.5, 0.5],
-    "max_tokens": 16384,
-    "min_tokens": 16,
-    "patch_size": 14,
-    "processor_class": "Videollama3Qwen2Processor",
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-}
 
 
 def test_loads_official_preprocessor_config(tmp_path):

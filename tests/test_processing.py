@@ -13,6 +13,7 @@ from transformers import AutoImageProcessor, AutoProcessor
 from transformers.feature_extraction_utils import BatchFeature
 
 from tests import media
+from tests.official_files import OFFICIAL_PREPROCESSOR_CONFIG, OFFICIAL_STYLE_TEMPLATE
 from tools.tiny import tiny_tokenizer
 from tests.tiny_processor import tiny_processor
 from tools.local import REPO_ROOT, remote_module
@@ -335,30 +336,9 @@ def test_num_multimodal_tokens_equal_the_placeholders_of_an_item_alone(processor
 
 # ---- loading -----------------------------------------------------------------------------------------
 
-# An official-format chat_template.json: the variables and layout of the official template
-# (add_system_prompt, image_token, num_frames, timestamps), without generation markers.
-OFFICIAL_STYLE_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if add_system_prompt and loop.first and message['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\nYou are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help "
-    "people understand images and videos.<|im_end|>\\n' -}}{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
-    "{%- for c in message['content'] -%}"
-    "{%- if c['type'] == 'text' -%}{{- c['text'] -}}"
-    "{%- elif c['type'] == 'image' -%}{{- image_token + '\\n' -}}"
-    "{%- elif c['type'] == 'video' -%}{%- for i in range(c['num_frames']) -%}"
-    "{{- 'Time ' + c['timestamps'][i] | round(1) | string + 's:' + image_token + (',' if i < c['num_frames'] - 1 else '\\n') -}}"
-    "{%- endfor -%}{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
 
 def official_checkpoint(folder: Path) -> Path:
     """A folder laid out like an official Hub checkpoint's processor files."""
-    from tests.test_image_processing import OFFICIAL_PREPROCESSOR_CONFIG
-
     tiny_tokenizer().save_pretrained(str(folder))
     (folder / "preprocessor_config.json").write_text(json.dumps(OFFICIAL_PREPROCESSOR_CONFIG))
     (folder / "processor_config.json").write_text(

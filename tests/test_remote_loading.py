@@ -1,24 +1,14 @@
 """Remote code as users load it: the Auto classes in a fresh process with a fresh module cache, from a
 local folder, an official-layout folder and a Hub snapshot, all giving the same inputs and tokens."""
 
-import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.remote_smoke import CONVERSATION
+from tests.remote_smoke import CONVERSATION, LAYOUTS, in_fresh_process
 from tools.local import REPO_ROOT, remote_module
-
-
-def smoke(layout: str, tmp_path) -> dict:
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / f"modules-{layout}"), PYTHONPATH=str(REPO_ROOT))
-    result = subprocess.run([sys.executable, "-m", "tests.remote_smoke", "tiny_model", "--layout", layout], cwd=REPO_ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +24,15 @@ def reference():
     return dict(inputs, generated=generated[0, inputs["input_ids"].shape[1]:].tolist())
 
 
-@pytest.mark.parametrize("layout", ["ours", "official", "snapshot"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_auto_classes_in_a_fresh_process(layout, tmp_path, reference):
-    out = smoke(layout, tmp_path)
+    out = in_fresh_process(REPO_ROOT / "tiny_model", layout, tmp_path / f"modules-{layout}")
     assert out["input_ids"] == reference["input_ids"][0].tolist()
     assert out["grid_sizes"] == reference["grid_sizes"].tolist()
     assert out["kept_tokens"] == int(reference["compression_mask"].sum()) < int(reference["compression_mask"].numel())
     assert out["pixel_sum"] == pytest.approx(float(reference["pixel_values"].double().sum()), rel=1e-12)
     assert out["generated"] == reference["generated"] and not out["torchvision_imported"]
+    assert out["loaded_before"] == []  # nothing of the checkout (nor pytest) ahead of the Auto classes
     if layout == "snapshot":  # a Hub snapshot's files share one module folder named by the commit
         assert out["processor_module"].endswith("videollama3.tiny.0123456789abcdef0123456789abcdef01234567.processing_videollama3")
     else:

@@ -51,6 +51,6 @@ def test_two_cpu_ranks_match_one_process(tmp_path):
     }
     with torch.no_grad():
         for name, inputs in cases.items():
-            assert (sharded[name] - single(**inputs).logits).abs().max() <= 1e-5, name
+            assert (sharded[name] - single(**inputs).logits).abs().max() <= 1e-6, name  # measured: about 2e-7
             greedy = single.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
             assert torch.equal(sharded[name + " greedy"], greedy), name

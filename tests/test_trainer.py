@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from tests.media import write_garbage, write_video
+from tests.tiny_training import REPLIES, official_rows, save_base, tiny_model, write_jsonl
 from tools.tiny import tiny_config
-from tests.tiny_processor import tiny_processor
 from tools.local import remote_module
 from trainer import (
     STAGE_TRAINERS,
@@ -36,43 +35,11 @@ from trainer.data import (
     TooManySkippedError,
     to_conversation,
 )
-from trainer.checkpoint import copy_remote_code, register_auto_classes
 from trainer.trainers import module_parameters
 
-REPLIES = ["Grey noise.", "A square slides right.", "Hello there!", "Both are synthetic.", "Yes."]
-
-
 # ------------------------------------------------------------------------------------------------
-# Fixtures: tiny media, rows in both formats, tiny model and processor
-
-
-@pytest.fixture(scope="module")
-def media_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("media")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)).save(root / "noise.png")
-    Image.fromarray(np.full((42, 70, 3), 128, dtype=np.uint8)).save(root / "grey.png")
-    write_video(root / "clip.mp4", seconds=4, fps=10, height=56, width=56, static_seconds=1)
-    write_garbage(root / "broken.mp4")
-    return root
-
-
-def official_rows():
-    return [
-        {"image": "noise.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the picture?"},
-            {"from": "gpt", "value": REPLIES[0]},
-            {"from": "human", "value": "Sure?"},
-            {"from": "gpt", "value": REPLIES[4]}]},
-        {"video": ["clip.mp4"], "start_time": 0.0, "end_time": 3.0, "conversations": [
-            {"from": "human", "value": "<video>\nWhat happens?"},
-            {"from": "gpt", "value": REPLIES[1]}]},
-        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": REPLIES[2]}]},
-        {"image": ["grey.png"], "video": ["clip.mp4"], "conversations": [
-            {"from": "system", "value": "Be brief."},
-            {"from": "human", "value": "<image>\n<video>\nCompare them."},
-            {"from": "gpt", "value": REPLIES[3]}]},
-    ]
+# Rows in the messages format; media, official rows, the tiny model and processor are shared
+# (tests/tiny_training.py, tests/conftest.py)
 
 
 def messages_rows():
@@ -97,29 +64,6 @@ def messages_rows():
             {"role": "assistant", "content": REPLIES[3]}],
          "images": ["grey.png"], "videos": ["clip.mp4"]},
     ]
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", official_rows())
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
-
-
-def tiny_model(processor, seed=0, **config):
-    torch.manual_seed(seed)
-    M = remote_module("modeling_videollama3")
-    return M.Videollama3Qwen2ForCausalLM(tiny_config(processor.tokenizer, **config))
 
 
 def train_args(tmp_path, media_root, stage=3, **overrides):
@@ -535,14 +479,6 @@ def test_resume_after_checkpoint_matches_uninterrupted_run(tmp_path, media_root,
 
 # ------------------------------------------------------------------------------------------------
 # LoRA
-
-
-def save_base(model, processor, folder):
-    register_auto_classes(model, processor)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    copy_remote_code(folder, model, processor)
-    return str(folder)
 
 
 def test_lora_step_save_reload_merge(tmp_path, media_root, processor, caplog):

@@ -12,11 +12,10 @@ import shutil
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from tests.test_trainer import media_root, official_rows, save_base, tiny_model, write_jsonl  # noqa: F401
 from tests.tiny_processor import tiny_processor
+from tests.tiny_training import changed, official_rows, save_base, tiny_model, weights, write_jsonl
 from tools.local import REPO_ROOT
 from trainer.cli import main
 from trainer.checkpoint import REMOTE_CODE_FILES
@@ -28,28 +27,7 @@ TINY_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory):
-    processor = tiny_processor()
-    return save_base(tiny_model(processor), processor, tmp_path_factory.mktemp("base") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("cli-data") / "train.jsonl", official_rows())
-
-
-def weights(folder):
-    return load_file(os.path.join(folder, "model.safetensors"))
-
-
-def changed(a, b, prefix):
-    keys = [k for k in a if k.startswith(prefix)]
-    assert keys, prefix
-    return any(not torch.equal(a[k], b[k]) for k in keys)
-
-
-def test_four_stages_chain_from_the_cli(tmp_path, base_checkpoint, data_path, media_root):  # noqa: F811
+def test_four_stages_chain_from_the_cli(tmp_path, base_checkpoint, data_path, media_root):
     previous = base_checkpoint
     for stage in (1, 2, 3, 4):
         out = str(tmp_path / f"stage{stage}")
@@ -77,7 +55,7 @@ def test_four_stages_chain_from_the_cli(tmp_path, base_checkpoint, data_path, me
     assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 2
 
 
-def test_cli_resume_and_missing_arguments(tmp_path, base_checkpoint, data_path, media_root, caplog):  # noqa: F811
+def test_cli_resume_and_missing_arguments(tmp_path, base_checkpoint, data_path, media_root, caplog):
     caplog.set_level(logging.INFO, logger="trainer")
     with pytest.raises(SystemExit, match="--data is required"):
         main(["--stage", "2", "--model", base_checkpoint, "--output_dir", str(tmp_path)])
@@ -95,7 +73,7 @@ def test_cli_resume_and_missing_arguments(tmp_path, base_checkpoint, data_path, 
     assert sum(m.startswith("effective settings: ") for m in messages) == 1
 
 
-def test_model_init_kwargs_reach_from_pretrained(tmp_path, base_checkpoint, data_path, media_root, caplog):  # noqa: F811
+def test_model_init_kwargs_reach_from_pretrained(tmp_path, base_checkpoint, data_path, media_root, caplog):
     """TRL's `--model_init_kwargs` JSON is how CLI users pick the attention (flash_attention_2 on GPUs);
     SFTTrainer's warning that they are ignored (it only sees the loaded model) is not shown."""
     caplog.set_level(logging.WARNING)
@@ -117,7 +95,7 @@ def readme_training_commands():
     return [line.split("#")[0].strip() for line in section.splitlines() if line.startswith("python -m trainer")]
 
 
-def test_readme_stage_command_runs_verbatim_on_cpu(tmp_path, monkeypatch, media_root):  # noqa: F811
+def test_readme_stage_command_runs_verbatim_on_cpu(tmp_path, monkeypatch, media_root):
     """The README's stage-1 line, with the full preset (bf16 on only where the device has it), in a
     folder holding what the line names; the output folder gets our model card."""
     line = next(c for c in readme_training_commands() if c.startswith("python -m trainer --stage 1 "))

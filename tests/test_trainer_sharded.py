@@ -13,11 +13,10 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.test_trainer import REPLIES, media_root, save_base, tiny_model, write_jsonl  # noqa: F401
 from tests.tiny_processor import tiny_processor
+from tests.tiny_training import REPLIES, tiny_model, weights, write_jsonl
 from tools.local import REPO_ROOT, remote_module
 from tools.tiny import tiny_config, tiny_tokenizer
 from trainer import Videollama3SFTConfig, Videollama3Trainer
@@ -49,8 +48,9 @@ def rows():
     ]
 
 
-# Stage 3 with stage 1's freezing: the vision encoder trains (its gradients must be reduced on the
-# text-only rank too) and the LLM must come out bit-identical. Stage 3 as shipped trains all three.
+# The CPU tests train both sets. Stage 3 with stage 1's freezing: the vision encoder trains (its gradients
+# must be reduced on the text-only rank too) and the LLM must come out bit-identical. Stage 3 as shipped
+# trains all three: only then does a wrong reduction of the LLM's gradients change losses and weights.
 FROZEN_LLM = ("vision_encoder", "mm_projector")
 ALL_MODULES = ("vision_encoder", "mm_projector", "llm")
 
@@ -68,19 +68,40 @@ def losses(output_dir):
         return [entry["loss"] for entry in json.load(handle)["log_history"] if "loss" in entry]
 
 
-def check_sharded_run_matches_one_process(tmp_path, media_root, launcher, extra=(), trainable=FROZEN_LLM,  # noqa: F811
+class OneProcess:
+    """The base checkpoint, rows and media of every run here, and the one-process runs at the global batch
+    (2 rows per step), each trained once per set of trainable modules and shared by the sharded runs."""
+
+    def __init__(self, base, data, media_root, tmp_path_factory):
+        self.base, self.data, self.media_root = base, data, media_root
+        self.tmp_path_factory, self.outputs = tmp_path_factory, {}
+
+    def flags(self, out, per_device, trainable):
+        return flags(self.base, self.data, self.media_root, out, per_device=per_device, trainable=trainable)
+
+    def output(self, trainable):
+        if trainable not in self.outputs:
+            out = str(self.tmp_path_factory.mktemp("single"))
+            main(self.flags(out, per_device=2, trainable=trainable))
+            self.outputs[trainable] = out
+        return self.outputs[trainable]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, base_checkpoint, media_root):
+    data = write_jsonl(tmp_path_factory.mktemp("sharded-data") / "train.jsonl", rows())
+    return OneProcess(base_checkpoint, data, media_root, tmp_path_factory)
+
+
+def check_sharded_run_matches_one_process(tmp_path, one_process, launcher, extra=(), trainable=FROZEN_LLM,
                                           module="trainer"):
     """Two processes started by `launcher` give the losses of one process at the same global batch,
-    a complete checkpoint, and the LLM bit-identical when frozen. Returns the launch's log."""
-    processor = tiny_processor()
-    base = save_base(tiny_model(processor), processor, tmp_path / "base")
-    data = write_jsonl(tmp_path / "train.jsonl", rows())
-    single = str(tmp_path / "single")
-    main(flags(base, data, media_root, single, per_device=2, trainable=trainable))
-
+    a complete checkpoint, the weights of the one process, and the LLM bit-identical when frozen (changed
+    when it trains). Returns the launch's log."""
+    single = one_process.output(trainable)
     sharded = str(tmp_path / "sharded")
     command = [sys.executable, "-m", *launcher, "-m", module,
-               *flags(base, data, media_root, sharded, per_device=1, trainable=trainable), *extra]
+               *one_process.flags(sharded, per_device=1, trainable=trainable), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
@@ -89,24 +110,33 @@ def check_sharded_run_matches_one_process(tmp_path, media_root, launcher, extra=
     assert log.count("training on 2 process(es)") == 1, log[-4000:]  # the main process logs, once
     assert log.count("effective settings: ") == 1, log[-4000:]
 
-    assert len(losses(sharded)) == STEPS
-    torch.testing.assert_close(losses(sharded), losses(single), atol=1e-4, rtol=0)
+    sharded_losses = losses(sharded)
+    assert len(sharded_losses) == STEPS
+    torch.testing.assert_close(sharded_losses, losses(single), atol=1e-4, rtol=0)
     model, info = AutoModelForCausalLM.from_pretrained(sharded, trust_remote_code=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert sorted(os.listdir(sharded)) == sorted(os.listdir(single))  # the same files: no wrapper's code or state
     with open(os.path.join(sharded, "config.json")) as handle:
         assert json.load(handle)["auto_map"]["AutoModelForCausalLM"] == "modeling_videollama3.Videollama3Qwen2ForCausalLM"
-    before, after = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(sharded, "model.safetensors"))
-    # transformers' FSDP2 save gathers tied weights as separate tensors, so the tied LM head is written too.
+    before, after = weights(one_process.base), weights(sharded)
     assert set(after) - set(before) <= {"lm_head.weight"} and set(before) <= set(after)
-    assert torch.equal(after.get("lm_head.weight", after["model.embed_tokens.weight"]), after["model.embed_tokens.weight"])
+    if "lm_head.weight" in after:  # transformers' FSDP2 save gathers tied weights as separate tensors
+        assert torch.equal(after["lm_head.weight"], after["model.embed_tokens.weight"])
     llm = [k for k in before if not k.startswith(("model.vision_encoder.", "model.mm_projector."))]
     assert llm and all(torch.equal(before[k], after[k]) for k in llm) == ("llm" not in trainable)  # frozen: bit-identical
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.vision_encoder."))
-    single_weights = load_file(os.path.join(single, "model.safetensors"))
-    for name, weight in single_weights.items():
+    for name, weight in weights(single).items():
         torch.testing.assert_close(after[name], weight, atol=1e-6, rtol=0)
     return log
+
+
+def assert_holds_about_half(log, sharding):
+    """The main process's log line "<sharding>: this process holds X of Y parameter values" shows it holds
+    half of the model, plus FSDP2's padding of uneven dimensions."""
+    held = re.search(re.escape(sharding) + r": this process holds (\d+) of (\d+) parameter values", log)
+    assert held, log[-4000:]
+    local, total = map(int, held.groups())
+    assert total / 2 <= local < total * 0.55
 
 
 def accelerate_launch(tmp_path, accelerate_config, **fsdp_config):
@@ -117,46 +147,44 @@ def accelerate_launch(tmp_path, accelerate_config, **fsdp_config):
     return ["accelerate.commands.launch", "--config_file", str(tmp_path / "launch.yaml")]
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, media_root):  # noqa: F811
+@pytest.mark.parametrize("trainable", [FROZEN_LLM, ALL_MODULES], ids=["llm_frozen", "all_modules"])
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, one_process, trainable):
     """2 gloo CPU ranks, one of them text-only each step."""
-    check_sharded_run_matches_one_process(tmp_path, media_root, accelerate_launch(tmp_path, "ddp_cpu.yaml"),
-                                          extra=["--use_cpu"])
+    check_sharded_run_matches_one_process(tmp_path, one_process, accelerate_launch(tmp_path, "ddp_cpu.yaml"),
+                                          extra=["--use_cpu"], trainable=trainable)
 
 
 @pytest.mark.parametrize("trainable", [FROZEN_LLM, ALL_MODULES], ids=["llm_frozen", "all_modules"])
-def test_fsdp2_at_load_time_on_two_cpu_processes_matches_one_process(tmp_path, media_root, trainable):  # noqa: F811
-    """The README's FSDP2 command: each rank holds about half the weights, the text-only rank runs the
-    sharded vision layers too (the dummy pass), and the checkpoint is the one process's layout."""
+def test_fsdp2_at_load_time_on_two_cpu_processes_matches_one_process(tmp_path, one_process, trainable):
+    """transformers' FSDP2 at load time, launched as the README's FSDP2 command launches it
+    (`torch.distributed.run --standalone --nproc_per_node 2 -m trainer ... --use_cpu --fsdp_size 2`) with
+    this module's flags: each rank holds about half the weights, the text-only rank runs the sharded
+    vision layers too (the dummy pass), and the checkpoint is the one process's layout."""
     launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    log = check_sharded_run_matches_one_process(tmp_path, media_root, launcher, extra=["--use_cpu", "--fsdp_size", "2"],
-                                                trainable=trainable)
-    held = re.search(r"sharded at load time over 2 processes: this process holds (\d+) of (\d+) parameter values", log)
-    assert held, log[-4000:]
-    local, total = map(int, held.groups())
-    assert total / 2 <= local < total * 0.55  # halves, plus FSDP2's padding of uneven dimensions
+    log = check_sharded_run_matches_one_process(tmp_path, one_process, launcher,
+                                                extra=["--use_cpu", "--fsdp_size", "2"], trainable=trainable)
+    assert_holds_about_half(log, "sharded at load time over 2 processes")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason=FSDP_ON_CPU)
-def test_accelerate_fsdp2_stage3_matches_one_process(tmp_path, media_root):  # noqa: F811
-    check_sharded_run_matches_one_process(tmp_path, media_root, accelerate_launch(tmp_path, "fsdp.yaml"))
+def test_accelerate_fsdp2_stage3_matches_one_process(tmp_path, one_process):
+    check_sharded_run_matches_one_process(tmp_path, one_process, accelerate_launch(tmp_path, "fsdp.yaml"))
 
 
-def test_accelerate_fsdp2_plugin_of_fsdp_yaml_on_cpu_ranks_matches_one_process(tmp_path, media_root):  # noqa: F811
+@pytest.mark.parametrize("trainable", [FROZEN_LLM, ALL_MODULES], ids=["llm_frozen", "all_modules"])
+def test_accelerate_fsdp2_plugin_of_fsdp_yaml_on_cpu_ranks_matches_one_process(tmp_path, one_process, trainable):
     """`fsdp.yaml` (its wrap classes, full-state-dict save) through accelerate's own FSDP2 code, on CPU
     ranks by way of `tests.accelerate_fsdp_on_cpu`, which sets the distributed type a GPU launch gets."""
     launcher = accelerate_launch(tmp_path, "fsdp.yaml", fsdp_cpu_ram_efficient_loading=False)  # refused on CPU
-    log = check_sharded_run_matches_one_process(tmp_path, media_root, launcher, extra=["--use_cpu"],
-                                                module="tests.accelerate_fsdp_on_cpu")
-    held = re.search(r"accelerate FSDP2: this process holds (\d+) of (\d+) parameter values", log)
-    assert held, log[-4000:]
-    local, total = map(int, held.groups())
-    assert total / 2 <= local < total * 0.55
+    log = check_sharded_run_matches_one_process(tmp_path, one_process, launcher, extra=["--use_cpu"],
+                                                trainable=trainable, module="tests.accelerate_fsdp_on_cpu")
+    assert_holds_about_half(log, "accelerate FSDP2")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or importlib.util.find_spec("deepspeed") is None,
                     reason=ZERO3_ON_CPU)
-def test_zero3_stage3_matches_one_process(tmp_path, media_root):  # noqa: F811
-    check_sharded_run_matches_one_process(tmp_path, media_root, accelerate_launch(tmp_path, "zero3.yaml"))
+def test_zero3_stage3_matches_one_process(tmp_path, one_process):
+    check_sharded_run_matches_one_process(tmp_path, one_process, accelerate_launch(tmp_path, "zero3.yaml"))
 
 
 def test_fsdp_size_refuses_what_load_time_fsdp2_cannot_do(tmp_path, monkeypatch):
